@@ -123,6 +123,7 @@ class _Layout:
     owner: list[int]  # index of the piece a token belongs to; -1 for separator tokens
     piece_chars: list[tuple[int, int]]
     offsets: list[tuple[int, int]]  # character span of each token in the joined text
+    unit: list[int]  # tokens that share a character (byte pieces of one glyph) share a unit
 
     @classmethod
     def build(cls, tokenizer, pieces: Sequence[str], sep: str = SEPARATOR) -> "_Layout":
@@ -143,7 +144,12 @@ class _Layout:
                     who = i
                     break
             owner.append(who)
-        return cls(list(enc.input_ids), owner, spans, [tuple(o) for o in enc.offset_mapping])
+        offsets = [tuple(o) for o in enc.offset_mapping]
+        unit, last_end = [], -1
+        for s, e in offsets:
+            unit.append(unit[-1] if unit and s < last_end else len(unit) and unit[-1] + 1)
+            last_end = max(last_end, e)
+        return cls(list(enc.input_ids), owner, spans, offsets, unit)
 
 
 class CompressionEngine:
@@ -410,8 +416,11 @@ class CompressionEngine:
         return kept
 
     def _decode(self, layout: _Layout, owner_ctx: list[int], kept: set[int], used: list[int]) -> dict[int, str]:
+        """Per-context text of the kept tokens. A character split over several byte
+        tokens is kept whole if any of its pieces is, so no glyph is cut in half."""
+        units = {layout.unit[p] for p in kept}
         by_ctx: dict[int, list[int]] = {i: [] for i in used}
-        for p in sorted(kept):
+        for p in (q for q in range(len(layout.ids)) if layout.unit[q] in units):
             o = owner_ctx[p]
             if o >= 0:
                 by_ctx[o].append(layout.ids[p])

@@ -1,0 +1,88 @@
+"""Model resolution and the process-wide registry, on the real embedded model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+
+from lingua_integrations.models import (
+    ModelRegistry, cache_dir, materialize_embedded, resolve_device, resolve_dtype, resolve_model_path,
+)
+
+
+def test_alias_resolves_to_cached_safetensors_directory(engine):
+    path = materialize_embedded("smollm2-135m")
+    assert path.is_relative_to(cache_dir())
+    assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config  # plain float32 weights now
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]  # readable by transformers 4.x too
+    t = time.perf_counter()
+    again = materialize_embedded("smollm2-135m")
+    assert again == path and time.perf_counter() - t < 1.0  # no second conversion
+
+
+def test_registry_shares_one_model_per_key(engine):
+    a = ModelRegistry.get_causal_lm("smollm2-135m", "cpu", "float32")
+    b = ModelRegistry.get_causal_lm("SmolLM2-135M", "cpu", torch.float32)
+    assert a is b is engine.loaded
+    assert a.model.dtype == torch.float32 and a.device == "cpu"
+
+
+def test_local_directory_loads_like_a_hub_checkout(engine, tmp_path):
+    local = tmp_path / "my-model"
+    shutil.copytree(materialize_embedded("smollm2-135m"), local)
+    loaded = ModelRegistry.get_causal_lm(str(local), "cpu", "float32")
+    assert loaded.model is not engine.loaded.model
+    ids = loaded.tokenizer("Paris is the capital of France.").input_ids
+    with torch.no_grad():
+        mine = loaded.model(torch.tensor([ids])).logits
+        theirs = engine.loaded.model(torch.tensor([ids])).logits
+    torch.testing.assert_close(mine, theirs)
+
+
+def test_hub_id_not_available_offline_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="huggingface-cli download|local directory"):
+        ModelRegistry.get_causal_lm("NousResearch/Llama-2-7b-hf", "cpu", "float32")
+
+
+def test_pickle_checkpoints_need_opt_in(engine, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2))
+    d = tmp_path / "pickled"
+    d.mkdir()
+    tiny.config.save_pretrained(d)
+    torch.save(tiny.state_dict(), d / "pytorch_model.bin")  # a pickle checkpoint, as old repos ship
+    engine.tokenizer.save_pretrained(d)
+    assert not list(d.glob("*.safetensors"))
+    with pytest.raises(ValueError, match="Could not load"):
+        ModelRegistry.get_causal_lm(str(d), "cpu", "float32")
+    loaded = ModelRegistry.get_causal_lm(str(d), "cpu", "float32", allow_pickle=True)
+    assert loaded.model.config.hidden_size == 32
+
+
+@pytest.mark.parametrize("bad", ["gpu", "tpu:0"])
+def test_bad_device_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="device"):
+        resolve_device(bad)
+
+
+def test_auto_device_and_dtype_on_cpu_machine():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == expected
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("int3", "cpu")
+
+
+def test_missing_path_is_reported():
+    with pytest.raises(ValueError, match="not a directory"):
+        resolve_model_path("./no/such/model")
