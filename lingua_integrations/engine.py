@@ -21,12 +21,12 @@ import torch
 
 from . import budget as bc
 from .itpc import iterative_compress
-from .models import DEFAULT_MODEL, LoadedModel, ModelRegistry
+from .models import DEFAULT_MODEL, EMBEDDED_MODELS, LoadedModel, ModelRegistry, resolve_device, resolve_dtype
 from .ranking import rank_contexts
 from .recovery import recover as _recover
 from .scoring import CausalScorer
 from .structured import parse_spans
-from .tokens import TokenCounter, TokenCounterLike
+from .tokens import DEFAULT_ENCODING, TokenCounter, TokenCounterLike
 
 Method = Literal["llmlingua", "longllmlingua"]
 METHODS = ("llmlingua", "longllmlingua")
@@ -197,8 +197,13 @@ class CompressionEngine:
         **model_options: Any,
     ) -> "CompressionEngine":
         """The process-wide engine for these settings (created on first use)."""
-        counter_key = token_counter if isinstance(token_counter, (str, type(None))) else id(token_counter)
-        key = (model, device, str(dtype), counter_key, tuple(sorted((k, repr(v)) for k, v in model_options.items())))
+        # normalise, so equivalent settings ("auto" vs "cpu" on a CPU machine, None vs
+        # the default encoding) share one engine
+        dev = resolve_device(device)
+        counter_key = (token_counter or DEFAULT_ENCODING) if isinstance(token_counter, (str, type(None))) else id(token_counter)
+        name = model.lower() if isinstance(model, str) and model.lower() in EMBEDDED_MODELS else model
+        key = (name, dev, resolve_dtype(dtype, dev), counter_key,
+               tuple(sorted((k, repr(v)) for k, v in model_options.items())))
         with cls._shared_lock:
             engine = cls._shared.get(key)
         if engine is None:

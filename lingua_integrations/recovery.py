@@ -14,7 +14,8 @@ from collections import defaultdict
 MAX_GAP = 10  # tokens the compressor may have deleted between two kept ones
 
 
-def _best_span(phrase_ids: list[int], where: dict[int, list[int]]) -> tuple[int, int] | None:
+def _best_span(phrase_ids: list[int], where: dict[int, list[int]]) -> tuple[tuple[int, int] | None, int]:
+    """Shortest original span holding the most of ``phrase_ids`` in order, and its hits."""
     best, best_hits, best_len = None, 1, None
     for first in where.get(phrase_ids[0], []):
         last, hits = first, 1
@@ -26,7 +27,7 @@ def _best_span(phrase_ids: list[int], where: dict[int, list[int]]) -> tuple[int,
         length = last - first + 1
         if hits > best_hits or (hits == best_hits and best is not None and length < best_len):
             best, best_hits, best_len = (first, last + 1), hits, length
-    return best
+    return best, best_hits
 
 
 def recover(tokenizer, original_prompt: str, compressed_prompt: str, response: str) -> str:
@@ -48,8 +49,10 @@ def recover(tokenizer, original_prompt: str, compressed_prompt: str, response: s
         while j + 1 < len(words) and " ".join(words[i : j + 2]) in compressed_prompt:
             j += 1
         phrase = " ".join(words[i : j + 1])
-        ids = tokenizer(phrase, add_special_tokens=False).input_ids
-        span = _best_span(ids, where) if ids else None
-        out.append(tokenizer.decode(original_ids[span[0] : span[1]]) if span else phrase)
+        # a word inside a sentence is tokenized with its leading space: try both forms
+        found = [_best_span(ids, where) for ids in (tokenizer(form, add_special_tokens=False).input_ids
+                                                    for form in (phrase, " " + phrase)) if ids]
+        span, _ = max(found, key=lambda f: f[1], default=(None, 0))
+        out.append(tokenizer.decode(original_ids[span[0] : span[1]]).strip() if span else phrase)
         i = j + 1
     return " ".join(out)
