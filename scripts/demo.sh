@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Set up, then compress real retrieved documents (NQ multi-document cases) with the
-# embedded default model and show what was kept.
+# Set up, then run the main job: a LangChain RAG chain over real NQ passages in which
+# our compressor (LongLLMLingua on the embedded SmolLM2-135M) prunes what BM25
+# retrieved before a local LLM answers. Prints tokens before/after, what was kept, the answer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
 . .venv/bin/activate
-python examples/compress_nq.py "$@"
+cd examples
+python langchain_rag.py "$@"
