@@ -11,10 +11,7 @@ usage: python examples/langchain_rag.py [--rate 0.33] [--questions 2] [--k 10]
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import time
-from pathlib import Path
 
 from langchain_classic.retrievers import ContextualCompressionRetriever
 from langchain_community.retrievers import BM25Retriever
@@ -25,9 +22,8 @@ from langchain_core.runnables import RunnablePassthrough
 
 from lingua_integrations.evaluation import contains_answer
 from lingua_integrations.langchain import LinguaDocumentCompressor
-from local_models import local_chat_llm
+from local_models import local_chat_llm, nq_sample
 
-SAMPLE = Path(__file__).parent / "data" / "nq_cases_sample.jsonl.gz"
 PROMPT = PromptTemplate.from_template(
     "Answer the question using the documents. Reply with a short answer.\n\n{context}\n\nQuestion: {question}?\nAnswer:")
 
@@ -40,14 +36,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
-    with gzip.open(SAMPLE, "rt", encoding="utf-8") as f:
-        cases = [json.loads(line) for line in f]
-    seen, corpus = set(), []
-    for case in cases:
-        for title, text in zip(case["titles"], case["documents"]):
-            if text not in seen:
-                seen.add(text)
-                corpus.append(Document(page_content=text, metadata={"title": title}, id=f"p{len(corpus)}"))
+    cases, passages = nq_sample()
+    corpus = [Document(page_content=text, metadata={"title": title}, id=f"p{i}") for i, (title, text) in enumerate(passages)]
     bm25 = BM25Retriever.from_documents(corpus, k=args.k)
     compressor = LinguaDocumentCompressor(rate=args.rate, device_map=args.device)
     retriever = ContextualCompressionRetriever(base_compressor=compressor, base_retriever=bm25)

@@ -11,18 +11,14 @@ usage: python examples/llama_index_rag.py [--rate 0.33] [--questions 2] [--top-k
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
-from pathlib import Path
 
 from llama_index.core import Settings, VectorStoreIndex
 from llama_index.core.schema import TextNode
 
 from lingua_integrations.evaluation import contains_answer
 from lingua_integrations.llama_index import LinguaNodePostprocessor
-from local_models import minilm_embedding, smollm2_llama_index_llm
+from local_models import minilm_embedding, nq_sample, smollm2_llama_index_llm
 
-SAMPLE = Path(__file__).parent / "data" / "nq_cases_sample.jsonl.gz"
 
 
 def main() -> None:
@@ -33,14 +29,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
-    with gzip.open(SAMPLE, "rt", encoding="utf-8") as f:
-        cases = [json.loads(line) for line in f]
-    seen, nodes = set(), []
-    for case in cases:
-        for title, text in zip(case["titles"], case["documents"]):
-            if text not in seen:
-                seen.add(text)
-                nodes.append(TextNode(text=text, id_=f"p{len(nodes)}", metadata={"title": title}))
+    cases, passages = nq_sample()
+    nodes = [TextNode(text=text, id_=f"p{i}", metadata={"title": title}) for i, (title, text) in enumerate(passages)]
     Settings.llm = smollm2_llama_index_llm()
     index = VectorStoreIndex(nodes, embed_model=minilm_embedding())
     post = LinguaNodePostprocessor(rate=args.rate, device_map=args.device, annotate=True)

@@ -14,9 +14,26 @@ real LLM (``ChatOpenAI``, ``OpenAI`` ...) in your app.
 from __future__ import annotations
 
 import functools
+import gzip
+import json
+from pathlib import Path
 from typing import Any
 
 from lingua_integrations.models import materialize_embedded
+
+
+NQ_SAMPLE = Path(__file__).parent / "data" / "nq_cases_sample.jsonl.gz"
+
+
+def nq_sample() -> tuple[list[dict], list[tuple[str, str]]]:
+    """The bundled NQ cases, and every distinct passage in them as (title, text)."""
+    with gzip.open(NQ_SAMPLE, "rt", encoding="utf-8") as f:
+        cases = [json.loads(line) for line in f]
+    seen: dict[str, str] = {}
+    for case in cases:
+        for title, text in zip(case["titles"], case["documents"]):
+            seen.setdefault(text, title)
+    return cases, [(title, text) for text, title in seen.items()]
 
 
 @functools.lru_cache(maxsize=1)

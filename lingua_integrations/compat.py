@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 
 from . import budget as bc
 from .engine import SEPARATOR, CompressionEngine, _Layout, validate_contexts
