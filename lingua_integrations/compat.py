@@ -17,7 +17,8 @@ and the CLI use.
 
 Differences, on purpose: the default model is the embedded ``"smollm2-135m"`` (the
 reference defaults to a 7B hub model); ``device_map="auto"`` is accepted; remote code
-is not trusted unless ``model_config={"trust_remote_code": True}``; sentence-level
+is not trusted unless ``model_config={"trust_remote_code": True}``; LLMLingua-2 word
+boundaries come from the tokenizer, not from the model's name; sentence-level
 filtering, ``keep_split`` and the third-party rankers (bm25, openai, cohere, ...) raise
 a ``ValueError`` instead of silently doing something else.
 """
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
+
 
 from . import budget as bc
 from .engine import SEPARATOR, CompressionEngine, _Layout, validate_contexts
@@ -33,6 +36,39 @@ from .itpc import iterative_compress
 from .models import DEFAULT_MODEL
 from .ranking import rank_contexts
 from .structured import parse_spans
+from .token_classification import ClassifiedText, insert_newlines, mark_forced
+
+
+def _reference_select(ct: ClassifiedText, reduce_rate: float, count, drop_consecutive: bool, tokenizer) -> None:
+    """The reference's word choice, window by window: a word stays when its probability
+    (1.0 if forced) is above the window's percentile ``100 * reduce_rate + 1`` of the word
+    probabilities repeated once per target-LLM token of the word *as the model sees it*
+    (its sub-tokens joined: lower-cased by uncased tokenizers, as the reference counts)."""
+    if reduce_rate <= 0:
+        for w in ct.words:
+            w.kept = True
+        return
+    for chunk in sorted({w.chunk for w in ct.words}):
+        words = [w for w in ct.words if w.chunk == chunk]
+        probs = [1.0 if w.forced else w.prob for w in words]
+        texts = [tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(w.ids)) if w.ids
+                 else ct.word_text(w) for w in words]
+        if drop_consecutive:
+            cut = float(np.percentile(probs, int(100 * reduce_rate)))
+            between, prev = False, None
+            for k, w in enumerate(words):
+                if w.forced:
+                    if between:
+                        between = False
+                    elif texts[k] == prev:
+                        probs[k] = 0.0
+                    prev = texts[k]
+                else:
+                    between |= probs[k] > cut
+        weighted = [p for p, t in zip(probs, texts) for _ in range(max(1, count(t)) if not t.isspace() else 1)]
+        cut = float(np.percentile(weighted, int(100 * reduce_rate + 1)))
+        for w, p in zip(words, probs):
+            w.kept = p > cut or (cut == 1.0 and p == 1.0)
 
 _LLMLINGUA2_ONLY = {
     "target_context", "context_level_rate", "context_level_target_token", "return_word_label", "word_sep",
@@ -60,24 +96,28 @@ class PromptCompressor:
         use_llmlingua2: bool = False,
         llmlingua2_config: dict | None = None,
     ) -> None:
-        if use_llmlingua2:
-            raise ValueError(
-                "use_llmlingua2=True is not available in this version of lingua-integrations yet; "
-                "use the causal-LM methods (rank_method='llmlingua' or 'longllmlingua')."
-            )
         config = dict(model_config or {})
         trust_remote_code = bool(config.pop("trust_remote_code", False))
         dtype = config.pop("torch_dtype", config.pop("dtype", "auto"))
         config.pop("pad_to_left", None)
         self.model_name = model_name
-        self.engine = CompressionEngine.shared(
-            model_name, _device_from_map(device_map), dtype, "cl100k_base", trust_remote_code=trust_remote_code, **config
-        )
-        self.scorer = self.engine.scorer
-        self.tokenizer = self.engine.tokenizer
-        self.model = self.engine.loaded.model
-        self.device = self.engine.device
-        self.max_position_embeddings = self.engine.loaded.max_positions
+        self.use_llmlingua2 = use_llmlingua2
+        self.llmlingua2_config = dict(llmlingua2_config or {})
+        device = _device_from_map(device_map)
+        if use_llmlingua2:  # model_name is the token classifier; no causal LM is loaded
+            self.engine = CompressionEngine.shared(DEFAULT_MODEL, device, dtype, "cl100k_base",
+                                                   llmlingua2_model=model_name, trust_remote_code=trust_remote_code,
+                                                   **config)
+            loaded = self.engine.classifier.loaded
+        else:
+            self.engine = CompressionEngine.shared(model_name, device, dtype, "cl100k_base",
+                                                   trust_remote_code=trust_remote_code, **config)
+            self.scorer = self.engine.scorer
+            loaded = self.engine.loaded
+        self.tokenizer = loaded.tokenizer
+        self.model = loaded.model
+        self.device = loaded.device
+        self.max_position_embeddings = loaded.max_positions
         self.oai_count = self.engine.count
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict:
@@ -138,6 +178,10 @@ class PromptCompressor:
         unknown = set(llmlingua2_kwargs) - _LLMLINGUA2_ONLY
         if unknown:
             raise TypeError(f"compress_prompt() got unexpected keyword arguments {sorted(unknown)}")
+        if self.use_llmlingua2:
+            return self.compress_prompt_llmlingua2(
+                context, rate=rate, target_token=target_token, use_context_level_filter=use_context_level_filter,
+                use_token_level_filter=use_token_level_filter, force_context_ids=force_context_ids, **llmlingua2_kwargs)
         if use_sentence_level_filter or keep_split:
             raise ValueError("use_sentence_level_filter and keep_split are not supported; leave them False")
         if rank_method not in ("llmlingua", "longllmlingua"):
@@ -206,6 +250,79 @@ class PromptCompressor:
             "rate": f"{100 / ratio:.1f}%",
             "saving": f", Saving ${saving:.1f} in GPT-4.",
         }
+
+    def compress_prompt_llmlingua2(
+        self,
+        context: str | Sequence[str],
+        rate: float = 0.5,
+        target_token: float = -1,
+        use_context_level_filter: bool = False,
+        use_token_level_filter: bool = True,
+        target_context: int = -1,
+        context_level_rate: float = 1.0,
+        context_level_target_token: int = -1,
+        force_context_ids: Sequence[int] | None = None,
+        return_word_label: bool = False,
+        word_sep: str = "\t\t|\t\t",
+        label_sep: str = " ",
+        token_to_word: str = "mean",
+        force_tokens: Sequence[str] = (),
+        force_reserve_digit: bool = False,
+        drop_consecutive: bool = False,
+        chunk_end_tokens: Sequence[str] = (".", "\n"),
+    ) -> dict:
+        """LLMLingua-2 like the reference: per encoder window, keep the words whose keep
+        probability is above the window's ``1 - rate`` percentile (weighted by target
+        tokens); optionally filter whole contexts first by mean word probability."""
+        if not self.use_llmlingua2:
+            raise ValueError("compress_prompt_llmlingua2 needs PromptCompressor(..., use_llmlingua2=True)")
+        if token_to_word != "mean":
+            raise ValueError("token_to_word must be 'mean' (the paper's word probability)")
+        contexts = validate_contexts(context) or [" "]
+        if rate is None or not 0 < rate <= 1.0:
+            raise ValueError(f"rate must be in (0, 1], got {rate!r}")
+        count = self.oai_count
+        origin = sum(count(c) for c in contexts)
+        docs = self.engine.classifier.classify(contexts, chunk_end_tokens)
+        for ct in docs:
+            if "\n" in force_tokens:
+                insert_newlines(ct)
+            mark_forced(ct, force_tokens, force_reserve_digit)
+        keep = list(range(len(contexts)))
+        if use_context_level_filter and len(contexts) > 1:
+            if target_context <= 0 and context_level_rate >= 1.0 and context_level_target_token <= 0:
+                if target_token < 0 and rate < 1.0:
+                    context_level_rate = (rate + 1.0) / 2 if use_token_level_filter else rate
+                if target_token >= 0:
+                    context_level_target_token = target_token * 2 if use_token_level_filter else target_token
+            if target_context >= 0:
+                context_level_rate = min(target_context / len(contexts), 1.0)
+            if context_level_target_token >= 0:
+                context_level_rate = min(context_level_target_token / origin, 1.0)
+            means = [sum(w.prob for w in ct.words) / max(1, len(ct.words)) for ct in docs]
+            cut = float(np.percentile(means, int(100 * (1 - context_level_rate))))
+            keep = [i for i, m in enumerate(means) if m >= cut or (force_context_ids and i in force_context_ids)]
+            if target_token >= 0:
+                rate = min(target_token / max(1, sum(count(contexts[i]) for i in keep)), 1.0)
+        elif target_token > 0:
+            rate = min(target_token / origin, 1.0)
+        reduce = max(0.0, 1 - rate) if use_token_level_filter else 0.0
+        for i in keep:
+            _reference_select(docs[i], reduce, count, drop_consecutive, self.tokenizer)
+        compressed = [docs[i].compressed(drop_consecutive) for i in keep]
+        prompt = SEPARATOR.join(compressed)
+        compressed_tokens = sum(count(c) for c in compressed)
+        ratio = 1 if compressed_tokens == 0 else origin / compressed_tokens
+        res = {
+            "compressed_prompt": prompt, "compressed_prompt_list": compressed, "origin_tokens": origin,
+            "compressed_tokens": compressed_tokens, "ratio": f"{ratio:.1f}x", "rate": f"{100 / ratio:.1f}%",
+            "saving": f", Saving ${(origin - compressed_tokens) * 0.06 / 1000:.1f} in GPT-4.",
+        }
+        if return_word_label:
+            res["fn_labeled_original_prompt"] = word_sep.join(
+                f"{ct.word_text(w)}{label_sep}{int(w.kept)}" for i, ct in enumerate(docs) for w in ct.words
+                if i in keep or not w.kept)
+        return res
 
     def _iterative(self, contexts: list[str], prefix: str | None, target_token: float, window: int,
                    deltas: list[float], contrastive: bool, spans: list | None, default_rate: float) -> str:

@@ -26,10 +26,11 @@ from .ranking import rank_contexts
 from .recovery import recover as _recover
 from .scoring import CausalScorer
 from .structured import parse_spans
+from .token_classification import TokenClassifier, insert_newlines, mark_forced, select_words
 from .tokens import DEFAULT_ENCODING, TokenCounter, TokenCounterLike
 
-Method = Literal["llmlingua", "longllmlingua"]
-METHODS = ("llmlingua", "longllmlingua")
+Method = Literal["llmlingua", "longllmlingua", "llmlingua2"]
+METHODS = ("llmlingua", "longllmlingua", "llmlingua2")
 SEPARATOR = "\n\n"
 RATE_TOLERANCE = 0.05  # the budget fit stops within +-5% of the target
 
@@ -45,6 +46,7 @@ class ContextResult:
     origin_tokens: int  # target-LLM tokens of the original
     compressed_tokens: int  # target-LLM tokens of ``text``
     score: float | None = None  # ranking statistic (perplexity; lower is better for questions)
+    words: list[tuple[str, float, bool]] | None = None  # LLMLingua-2 with return_words: (word, p(keep), kept)
 
 
 @dataclass
@@ -180,12 +182,46 @@ class CompressionEngine:
         dtype: str | torch.dtype | None = "auto",
         token_counter: TokenCounterLike = None,
         batch_size: int = 8,
+        llmlingua2_model: str | None = None,
         **model_options: Any,
     ) -> None:
-        self.loaded: LoadedModel = ModelRegistry.get_causal_lm(model, device, dtype, **model_options)
-        self.scorer = CausalScorer(self.loaded, batch_size=batch_size)
-        self.count = TokenCounter(token_counter)
         self.model_name = model
+        self.llmlingua2_model = llmlingua2_model
+        self.count = TokenCounter(token_counter)
+        self.batch_size = batch_size
+        self._device, self._dtype, self._options = resolve_device(device), dtype, model_options
+        self._scorer: CausalScorer | None = None
+        self._classifier: TokenClassifier | None = None
+        self._lazy = threading.Lock()
+        if llmlingua2_model is None:
+            self.scorer  # noqa: B018 - load now: the causal LM is what this engine is for
+
+    @property
+    def scorer(self) -> CausalScorer:
+        """The small causal LM (loaded on first use, shared through the registry)."""
+        with self._lazy:
+            if self._scorer is None:
+                loaded = ModelRegistry.get_causal_lm(self.model_name, self._device, self._dtype, **self._options)
+                self._scorer = CausalScorer(loaded, batch_size=self.batch_size)
+            return self._scorer
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self.scorer.loaded
+
+    @property
+    def classifier(self) -> TokenClassifier:
+        """The LLMLingua-2 token classifier (``llmlingua2_model``), loaded on first use."""
+        if self.llmlingua2_model is None:
+            raise ValueError(
+                "method='llmlingua2' needs a token-classification model: create the engine with "
+                "llmlingua2_model='microsoft/llmlingua-2-xlm-roberta-large-meetingbank' (or a local directory)")
+        with self._lazy:
+            if self._classifier is None:
+                loaded = ModelRegistry.get_token_classifier(self.llmlingua2_model, self._device, self._dtype,
+                                                            **self._options)
+                self._classifier = TokenClassifier(loaded, batch_size=max(16, self.batch_size))
+            return self._classifier
 
     @classmethod
     def shared(
@@ -194,6 +230,7 @@ class CompressionEngine:
         device: str | None = "auto",
         dtype: str | torch.dtype | None = "auto",
         token_counter: TokenCounterLike = None,
+        llmlingua2_model: str | None = None,
         **model_options: Any,
     ) -> "CompressionEngine":
         """The process-wide engine for these settings (created on first use)."""
@@ -202,19 +239,19 @@ class CompressionEngine:
         dev = resolve_device(device)
         counter_key = (token_counter or DEFAULT_ENCODING) if isinstance(token_counter, (str, type(None))) else id(token_counter)
         name = model.lower() if isinstance(model, str) and model.lower() in EMBEDDED_MODELS else model
-        key = (name, dev, resolve_dtype(dtype, dev), counter_key,
+        key = (name, dev, resolve_dtype(dtype, dev), counter_key, llmlingua2_model,
                tuple(sorted((k, repr(v)) for k, v in model_options.items())))
         with cls._shared_lock:
             engine = cls._shared.get(key)
         if engine is None:
-            engine = cls(model, device, dtype, token_counter, **model_options)
+            engine = cls(model, device, dtype, token_counter, llmlingua2_model=llmlingua2_model, **model_options)
             with cls._shared_lock:
                 engine = cls._shared.setdefault(key, engine)
         return engine
 
     @property
     def device(self) -> str:
-        return self.loaded.device
+        return self._device
 
     @property
     def tokenizer(self):
@@ -240,6 +277,12 @@ class CompressionEngine:
         force_context_ids: Sequence[int] | None = None,
         force_context_number: int | None = None,
         structured: bool = False,
+        force_tokens: Sequence[str] = (),
+        force_reserve_digit: bool = False,
+        drop_consecutive: bool = False,
+        context_level_rate: float | None = None,
+        chunk_end_tokens: Sequence[str] = (".", "\n"),
+        return_words: bool = False,
     ) -> CompressionResult:
         """Compress ``context`` to ``rate`` of the prompt's target-LLM tokens (or to
         ``target_token`` tokens), keeping ``instruction`` and ``question`` whole.
@@ -268,10 +311,14 @@ class CompressionEngine:
             if bad:
                 raise ValueError(f"force_context_ids {bad} are not indices of the {len(contexts)} contexts")
 
-        question_aware = method == "longllmlingua" and bool(question.strip())
+        question_aware = method in ("longllmlingua", "llmlingua2") and bool(question.strip())
+        token_classification = method == "llmlingua2"
+        if token_classification and structured:
+            raise ValueError("structured=True applies to llmlingua/longllmlingua; llmlingua2 takes force_tokens instead")
         reorder_how = reorder_context or ("sort" if question_aware else "original")
         delta = dynamic_context_compression_ratio if dynamic_context_compression_ratio is not None else (0.3 if question_aware else 0.0)
         contrast = question_aware if condition_compare is None else (condition_compare and bool(question.strip()))
+        classified: dict[int, Any] = {}
 
         # caller-marked spans: rates per span; tags are removed from the text
         span_lists = [parse_spans(c) for c in contexts] if structured else [None] * len(contexts)
@@ -287,7 +334,20 @@ class CompressionEngine:
         candidates = [i for i, t in enumerate(texts) if t.strip()]
         ranks: dict[int, int] = {}
         scores: dict[int, float] = {}
-        if len(candidates) > 1 and use_context_level_filter:
+        if len(candidates) > 1 and use_context_level_filter and token_classification and not question_aware:
+            # LLMLingua-2's own context filter: contexts by mean word keep-probability
+            found = self.classifier.classify([texts[i] for i in candidates], chunk_end_tokens)
+            classified = dict(zip(candidates, found))
+            by_prob = sorted(candidates, key=lambda i: -classified[i].mean_prob)
+            keep_share = context_level_rate or (((target / origin if origin else 1.0) + 1) / 2
+                                                if use_token_level_filter else target / max(origin, 1))
+            used = list(force_context_ids or [])
+            used += [i for i in by_prob[: max(1, math.ceil(min(1.0, keep_share) * len(candidates)))] if i not in used]
+            ranks = {i: pos for pos, i in enumerate(by_prob)}
+            scores = {i: classified[i].mean_prob for i in candidates}
+            used_rank_order = [i for i in by_prob if i in used]
+            used = bc.reorder(used, reorder_how)
+        elif len(candidates) > 1 and use_context_level_filter:
             ranked = rank_contexts(
                 self.scorer, [texts[i] for i in candidates], question, "after" if question_aware else "none"
             )
@@ -308,13 +368,22 @@ class CompressionEngine:
         delta_of = dict(zip(used_rank_order, offsets))
 
         compressed = {i: texts[i] for i in used}
-        if use_token_level_filter and used:
+        words: dict[int, list] = {}
+        if token_classification and used:
+            compressed, words = self._token_classification(
+                texts, used, classified, delta_of, context_target if use_token_level_filter else None,
+                force_tokens, force_reserve_digit, drop_consecutive, chunk_end_tokens)
+        elif use_token_level_filter and used:
             compressed = self._fine(
                 texts, span_lists, used, delta_of, question if contrast else "", context_target, iterative_size
             )
-
-        return self._assemble(contexts, texts, lengths, compressed, used, ranks, scores, instruction, question,
-                              origin, target, method if question_aware or method == "llmlingua" else "llmlingua")
+        label = method if question_aware or method != "longllmlingua" else "llmlingua"
+        result = self._assemble(contexts, texts, lengths, compressed, used, ranks, scores, instruction, question,
+                                origin, target, label)
+        if return_words:
+            for i, ws in words.items():
+                result.contexts[i].words = ws
+        return result
 
     def recover(self, original_prompt: str, compressed_prompt: str, response: str) -> str:
         """Map spans of an LLM ``response`` copied from ``compressed_prompt`` back to the
@@ -325,6 +394,25 @@ class CompressionEngine:
         return _recover(self.tokenizer, original_prompt, compressed_prompt, response)
 
     # ------------------------------------------------------------------ internals
+    def _token_classification(self, texts, used, classified, delta_of, context_target, force_tokens,
+                              force_digits, drop_consecutive, chunk_end_tokens) -> tuple[dict[int, str], dict]:
+        """LLMLingua-2's fine step: keep each kept context's most probable words, at the
+        context's rate (the budget's share, shifted by its rank's dynamic ratio)."""
+        missing = [i for i in used if i not in classified]
+        classified = {**classified, **dict(zip(missing, self.classifier.classify([texts[i] for i in missing],
+                                                                                 chunk_end_tokens)))}
+        total = sum(self.count(texts[i]) for i in used)
+        tau = 1.0 if context_target is None or not total else min(1.0, context_target / total)
+        docs = [classified[i] for i in used]
+        for ct in docs:
+            if "\n" in force_tokens:
+                insert_newlines(ct)
+            mark_forced(ct, force_tokens, force_digits)
+        select_words(docs, [bc.clamp_rate(tau, delta_of.get(i, 0.0)) for i in used], self.count)
+        compressed = {i: ct.compressed(drop_consecutive) for i, ct in zip(used, docs)}
+        words = {i: [(ct.word_text(w), round(w.prob, 4), w.kept) for w in ct.words] for i, ct in zip(used, docs)}
+        return compressed, words
+
     def _fine(
         self,
         texts: list[str],

@@ -213,23 +213,16 @@ def _load_error(model: str, exc: Exception) -> ValueError:
     return ValueError(hint)
 
 
-def load_causal_lm(
-    model: str,
-    device: str,
-    dtype: torch.dtype,
-    *,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-    **kwargs: Any,
-) -> LoadedModel:
-    """Load a causal LM and its fast tokenizer (safetensors only unless ``allow_pickle``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load(auto_class: str, model: str, device: str, dtype: torch.dtype, *, trust_remote_code: bool = False,
+          allow_pickle: bool = False, **kwargs: Any) -> LoadedModel:
+    import transformers
+    from transformers import AutoTokenizer
 
     path = resolve_model_path(model)
     common = dict(trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
-        lm = AutoModelForCausalLM.from_pretrained(
+        lm = getattr(transformers, auto_class).from_pretrained(
             path, dtype=dtype, use_safetensors=None if allow_pickle else True, **common, **kwargs
         )
     except (OSError, ValueError, EnvironmentError) as exc:
@@ -238,6 +231,16 @@ def load_causal_lm(
         raise ValueError(f"model {model!r} has no fast tokenizer (tokenizer.json); we need its offsets to map tokens to text")
     lm.to(device).eval()
     return LoadedModel(name=model, path=path, model=lm, tokenizer=tokenizer, device=device, dtype=dtype)
+
+
+def load_causal_lm(model: str, device: str, dtype: torch.dtype, **options: Any) -> LoadedModel:
+    """Load a causal LM and its fast tokenizer (safetensors only unless ``allow_pickle``)."""
+    return _load("AutoModelForCausalLM", model, device, dtype, **options)
+
+
+def load_token_classifier(model: str, device: str, dtype: torch.dtype, **options: Any) -> LoadedModel:
+    """Load an ``AutoModelForTokenClassification`` (LLMLingua-2) and its fast tokenizer."""
+    return _load("AutoModelForTokenClassification", model, device, dtype, **options)
 
 
 class ModelRegistry:
@@ -252,25 +255,29 @@ class ModelRegistry:
     _guard = threading.Lock()
 
     @classmethod
-    def get_causal_lm(
-        cls,
-        model: str = DEFAULT_MODEL,
-        device: str | None = "auto",
-        dtype: str | torch.dtype | None = "auto",
-        **options: Any,
-    ) -> LoadedModel:
+    def _get(cls, kind: str, loader, model: str, device: str | None, dtype, options: dict) -> LoadedModel:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        key = ("causal", str(model).lower() if str(model).lower() in EMBEDDED_MODELS else model, dev, dt,
-               tuple(sorted((k, repr(v)) for k, v in options.items())))
+        name = str(model).lower() if str(model).lower() in EMBEDDED_MODELS else model
+        key = (kind, name, dev, dt, tuple(sorted((k, repr(v)) for k, v in options.items())))
         with cls._guard:
             if key in cls._models:
                 return cls._models[key]
             lock = cls._locks.setdefault(key, threading.Lock())
         with lock:
             if key not in cls._models:
-                cls._models[key] = load_causal_lm(model, dev, dt, **options)
+                cls._models[key] = loader(model, dev, dt, **options)
             return cls._models[key]
+
+    @classmethod
+    def get_causal_lm(cls, model: str = DEFAULT_MODEL, device: str | None = "auto",
+                      dtype: str | torch.dtype | None = "auto", **options: Any) -> LoadedModel:
+        return cls._get("causal", load_causal_lm, model, device, dtype, options)
+
+    @classmethod
+    def get_token_classifier(cls, model: str, device: str | None = "auto",
+                             dtype: str | torch.dtype | None = "auto", **options: Any) -> LoadedModel:
+        return cls._get("token-classification", load_token_classifier, model, device, dtype, options)
 
     @classmethod
     def loaded(cls) -> list[tuple]:

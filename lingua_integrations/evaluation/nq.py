@@ -134,3 +134,20 @@ def build_cases(
             titles=[rows[j]["title"] for j in order], gold_index=gold_pos, source_rows=order,
         ))
     return cases
+
+
+def build_minilm_token_classifier(out_dir: str | Path, seed: int = 0) -> Path:
+    """An LLMLingua-2-shaped test model: the MiniLM encoder with a seeded, untrained
+    keep/drop head. Its choices mean nothing; it exercises the mechanics on a real
+    encoder and tokenizer (no trained LLMLingua-2 checkpoint exists offline)."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForTokenClassification.from_pretrained(
+        minilm_dir(), num_labels=2, id2label={0: "drop", 1: "keep"}, label2id={"drop": 0, "keep": 1},
+        use_safetensors=True)
+    torch.nn.init.normal_(model.classifier.weight, std=0.5)  # spread the probabilities
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(out)
+    return out

@@ -1,0 +1,153 @@
+"""LLMLingua-2 on a real encoder (MiniLM with a seeded keep/drop head, built here) and
+real NQ text: mechanics, any tokenizer, question-aware ranking, and the reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from conftest import REFERENCE_ENV, ROOT
+from lingua_integrations import CompressionEngine, PromptCompressor
+from lingua_integrations.evaluation.nq import build_minilm_token_classifier
+
+WORD = re.compile(r"\w+|[^\w\s]")
+
+
+@pytest.fixture(scope="module")
+def l2_dir(tmp_path_factory):
+    # a name without 'bert-base-multilingual-cased' or 'xlm-roberta-large': ours must not care
+    return build_minilm_token_classifier(tmp_path_factory.mktemp("models") / "my-minilm-compressor", seed=0)
+
+
+@pytest.fixture(scope="module")
+def l2_engine(l2_dir):
+    return CompressionEngine.shared(device="cpu", llmlingua2_model=str(l2_dir))
+
+
+def test_keeps_the_most_probable_words_in_order_at_the_rate(l2_engine, nq_rows):
+    docs = [r["text"] for r in nq_rows[:8]]
+    res = l2_engine.compress(docs, method="llmlingua2", rate=0.33, use_context_level_filter=False,
+                             force_tokens=["?"], return_words=True)
+    assert res.method == "llmlingua2"
+    assert 0.33 * 0.85 <= res.rate <= 0.33 * 1.15
+    for i in res.kept_indices:
+        ctx = res.contexts[i]
+        words = ctx.words
+        kept = [w for w, _, k in words if k]
+        # kept words are the original words, in order
+        it = iter(w for w, _, _ in words)
+        assert all(any(k == w for w in it) for k in kept)
+        # the kept ones are the most probable (forced words aside): no dropped word beats the
+        # least probable kept one by much (the budget is filled greedily in target tokens)
+        kept_p = [p for w, p, k in words if k and w != "?"]
+        dropped_p = [p for _, p, k in words if not k]
+        assert sum(kept_p) / len(kept_p) > sum(dropped_p) / len(dropped_p)
+        assert "".join(WORD.findall(ctx.text)) == "".join(w for w in kept if not w.isspace()).replace(" ", "")
+
+
+def test_force_tokens_digits_and_newlines(l2_engine, nq_rows):
+    text = nq_rows[0]["text"] + "\nWho won? " + nq_rows[1]["text"]
+    res = l2_engine.compress(text, method="llmlingua2", rate=0.2, force_tokens=["\n", "?"], force_reserve_digit=True)
+    out = res.compressed_prompt
+    assert "?" in out and "\n" in out
+    assert re.findall(r"\d+", text) == re.findall(r"\d+", out)  # every number kept, in order
+
+
+def test_question_aware_llmlingua2_ranks_with_the_causal_lm(l2_engine, nq_cases):
+    case = nq_cases[0]
+    res = l2_engine.compress(case.documents, question=case.question, method="llmlingua2", rate=0.33)
+    assert res.method == "llmlingua2"
+    ranks = [res.contexts[i].rank for i in res.kept_indices]
+    assert ranks == sorted(ranks) and None not in ranks  # ranked by LongLLMLingua, best first
+    assert len(res.kept_indices) < len(case.documents)  # coarse selection dropped some
+    assert 0.33 * 0.85 <= res.rate <= 0.33 * 1.15
+    assert res.compressed_prompt.endswith(case.question)
+
+
+def test_any_tokenizer_byte_level_bpe(engine, tmp_path, nq_rows):
+    """A RoBERTa-style classifier with a byte-level BPE tokenizer (SmolLM2's): word
+    boundaries still come out right, with no name-based rules."""
+    import torch
+    from transformers import RobertaConfig, RobertaForTokenClassification
+
+    torch.manual_seed(1)
+    cfg = RobertaConfig(vocab_size=49152, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=128, num_labels=2, max_position_embeddings=520, pad_token_id=2)
+    d = tmp_path / "tiny-bpe-classifier"
+    RobertaForTokenClassification(cfg).save_pretrained(d)
+    engine.tokenizer.save_pretrained(d)
+    eng = CompressionEngine.shared(device="cpu", llmlingua2_model=str(d))
+    text = nq_rows[2]["text"]
+    res = eng.compress(text, method="llmlingua2", rate=0.5, return_words=True)
+    words = [w for w, _, _ in res.contexts[0].words]
+    assert all(w and w == w.strip() for w in words)  # no leading-space pieces as words
+    assert "".join(words) == "".join(text.split())  # every character of every word, in order
+    assert len(words) >= len(text.split())  # at least one word per whitespace-separated chunk
+
+
+def test_bad_llmlingua2_use():
+    eng = CompressionEngine.shared(device="cpu")
+    with pytest.raises(ValueError, match="llmlingua2_model"):
+        eng.compress(["some text"], method="llmlingua2")
+
+
+def _f1(a: str, b: str) -> float:
+    ca, cb = Counter(WORD.findall(a.lower())), Counter(WORD.findall(b.lower()))
+    common = sum((ca & cb).values())
+    return 0.0 if not common else 2 * common / (sum(ca.values()) + sum(cb.values()))
+
+
+@pytest.mark.reference
+def test_same_words_as_the_reference(l2_dir, nq_rows, tmp_path):
+    if not (REFERENCE_ENV / "llmlingua").is_dir():
+        pytest.fail(f"reference environment missing at {REFERENCE_ENV}: run tools/reference/setup.sh")
+    # the reference picks its word rules from the *name*; give it one it knows
+    ref_dir = tmp_path / "bert-base-multilingual-cased-minilm-seeded"
+    shutil.copytree(l2_dir, ref_dir)
+    kwargs = dict(rate=0.33, force_tokens=["\n", "?"])
+    requests = [{"context": [nq_rows[i]["text"]], "kwargs": kwargs} for i in range(20, 26)]
+    requests += [{"context": [r["text"] for r in nq_rows[30 + 10 * k : 40 + 10 * k]], "kwargs": kwargs} for k in range(3)]
+    (tmp_path / "requests.json").write_text(json.dumps(requests))
+    import hashlib
+
+    import tiktoken_ext
+
+    tk = tmp_path / "tk"
+    tk.mkdir()
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    shutil.copy(os.path.join(list(tiktoken_ext.__path__)[0], "data", "cl100k_base.tiktoken"),
+                tk / hashlib.sha1(url.encode()).hexdigest())
+    env = {**os.environ, "PYTHONPATH": str(REFERENCE_ENV), "TIKTOKEN_CACHE_DIR": str(tk), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/reference/run_reference.py"), str(ref_dir), "cpu",
+                           str(tmp_path / "requests.json"), "llmlingua2"], capture_output=True, text=True, env=env,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = json.loads(proc.stdout)
+    pc = PromptCompressor(model_name=str(l2_dir), device_map="cpu", use_llmlingua2=True)
+    f1s = []
+    for req, ref in zip(requests, reference):
+        ours = pc.compress_prompt(req["context"], **req["kwargs"])
+        assert {"compressed_prompt", "compressed_prompt_list", "origin_tokens", "compressed_tokens", "ratio", "rate",
+                "saving"} <= set(ours)
+        assert ours["origin_tokens"] == ref["origin_tokens"]
+        f1s.append(_f1(ours["compressed_prompt"], ref["compressed_prompt"]))
+    assert sum(f1s) / len(f1s) >= 0.99, f1s
+
+
+def test_drop_in_llmlingua2_options(l2_dir, nq_rows):
+    pc = PromptCompressor(model_name=str(l2_dir), device_map="cpu", use_llmlingua2=True)
+    docs = [r["text"] for r in nq_rows[40:46]]
+    res = pc.compress_prompt(docs, rate=0.33, use_context_level_filter=True, return_word_label=True,
+                             force_tokens=["\n", "?"], drop_consecutive=True)
+    assert len(res["compressed_prompt_list"]) < len(docs)  # context filter dropped some
+    labels = res["fn_labeled_original_prompt"].split("\t\t|\t\t")
+    assert all(item.rsplit(" ", 1)[1] in ("0", "1") for item in labels)
+    res2 = pc.compress_prompt_llmlingua2(docs, target_token=100)
+    assert res2["compressed_tokens"] <= 130
