@@ -103,7 +103,7 @@ def main() -> None:
         reqs = [{"context": d, "question": question, "kwargs": {**REFERENCE_KWARGS, "rate": args.rate}} for d in prompts]
         reference = run_reference(reqs, args.device, Path(args.reference_env))
 
-    lines = [f"| prompt tokens | docs | ours: achieved/asked | ours s | reference: achieved/asked | reference s |",
+    lines = ["| prompt tokens | docs | ours: achieved/asked | ours s | reference: achieved/asked | reference s |",
              "|---|---|---|---|---|---|"]
     table = []
     for i, docs in enumerate(prompts):

@@ -21,7 +21,8 @@ import torch
 
 from . import budget as bc
 from .itpc import iterative_compress
-from .models import DEFAULT_MODEL, EMBEDDED_MODELS, LoadedModel, ModelRegistry, resolve_device, resolve_dtype
+from .models import (DEFAULT_MODEL, EMBEDDED_MODELS, LoadedModel, ModelRegistry, options_key, resolve_device,
+                     resolve_dtype)
 from .ranking import rank_contexts
 from .recovery import recover as _recover
 from .scoring import CausalScorer
@@ -239,8 +240,7 @@ class CompressionEngine:
         dev = resolve_device(device)
         counter_key = (token_counter or DEFAULT_ENCODING) if isinstance(token_counter, (str, type(None))) else id(token_counter)
         name = model.lower() if isinstance(model, str) and model.lower() in EMBEDDED_MODELS else model
-        key = (name, dev, resolve_dtype(dtype, dev), counter_key, llmlingua2_model,
-               tuple(sorted((k, repr(v)) for k, v in model_options.items())))
+        key = (name, dev, resolve_dtype(dtype, dev), counter_key, llmlingua2_model, options_key(model_options))
         with cls._shared_lock:
             engine = cls._shared.get(key)
         if engine is None:

@@ -243,6 +243,16 @@ def load_token_classifier(model: str, device: str, dtype: torch.dtype, **options
     return _load("AutoModelForTokenClassification", model, device, dtype, **options)
 
 
+_DEFAULT_OPTIONS = {"trust_remote_code": False, "allow_pickle": False}
+
+
+def options_key(options: dict[str, Any]) -> tuple:
+    """A hashable key for loading options; options left at their defaults do not count,
+    so ``trust_remote_code=False`` and no option at all share one model."""
+    return tuple(sorted((k, repr(v)) for k, v in options.items()
+                        if not (k in _DEFAULT_OPTIONS and v == _DEFAULT_OPTIONS[k])))
+
+
 class ModelRegistry:
     """Process-wide cache: one loaded model per (model, device, dtype, options).
 
@@ -259,7 +269,7 @@ class ModelRegistry:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         name = str(model).lower() if str(model).lower() in EMBEDDED_MODELS else model
-        key = (kind, name, dev, dt, tuple(sorted((k, repr(v)) for k, v in options.items())))
+        key = (kind, name, dev, dt, options_key(options))
         with cls._guard:
             if key in cls._models:
                 return cls._models[key]

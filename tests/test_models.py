@@ -29,7 +29,8 @@ def test_alias_resolves_to_cached_safetensors_directory(engine):
 def test_registry_shares_one_model_per_key(engine):
     a = ModelRegistry.get_causal_lm("smollm2-135m", "cpu", "float32")
     b = ModelRegistry.get_causal_lm("SmolLM2-135M", "cpu", torch.float32)
-    assert a is b is engine.loaded
+    c = ModelRegistry.get_causal_lm("smollm2-135m", "cpu", "float32", trust_remote_code=False)  # a default, spelled out
+    assert a is b is c is engine.loaded
     assert a.model.dtype == torch.float32 and a.device == "cpu"
 
 
