@@ -29,10 +29,14 @@ class LinguaSettings(BaseModel):
     dtype: str = Field("auto", description="'auto' (fp32 on CPU, bf16 on GPU), 'float32', 'float16', 'bfloat16'")
     model_configuration: dict[str, Any] = Field(default_factory=dict,
                                                 description="extra from_pretrained kwargs (trust_remote_code, ...)")
-    method: Literal["longllmlingua", "llmlingua"] = Field(
-        "longllmlingua", description="longllmlingua: question-aware (falls back to llmlingua without a query)")
+    method: Literal["longllmlingua", "llmlingua", "llmlingua2"] = Field(
+        "longllmlingua", description="longllmlingua: question-aware (falls back to llmlingua without a query); "
+                                     "llmlingua2: token classification (needs llmlingua2_model)")
     rank_method: Literal["longllmlingua", "llmlingua"] | None = Field(
         None, description="peer-compatible alias of method; if given, it sets method")
+    llmlingua2_model: str | None = Field(
+        None, description="token-classification model for method='llmlingua2' (hub id or local directory); "
+                          "ranking by question still uses model_name")
     rate: float = Field(0.5, gt=0.0, le=1.0, description="share of target-LLM tokens to keep")
     target_token: int | None = Field(None, gt=0, description="absolute budget in target-LLM tokens (overrides rate)")
     instruction: str = Field("", description="kept whole and counted in the budget")
@@ -50,14 +54,17 @@ class LinguaSettings(BaseModel):
 
     @model_validator(mode="after")
     def _rank_method_sets_method(self) -> "LinguaSettings":
-        if self.rank_method is not None:
+        if self.rank_method is not None and self.method != "llmlingua2":
             self.method = self.rank_method
+        if self.method == "llmlingua2" and not self.llmlingua2_model:
+            raise ValueError("method='llmlingua2' needs llmlingua2_model (e.g. "
+                             "'microsoft/llmlingua-2-xlm-roberta-large-meetingbank' or a local directory)")
         return self
 
     def engine(self) -> CompressionEngine:
         """The shared engine for these settings (one loaded model per process)."""
         return CompressionEngine.shared(self.model_name, self.device_map, self.dtype, self.token_counter,
-                                        **self.model_configuration)
+                                        llmlingua2_model=self.llmlingua2_model, **self.model_configuration)
 
     def compress_texts(self, texts: Sequence[str], query: str | None, **overrides: Any) -> CompressionResult:
         """Compress ``texts`` for ``query`` with these settings (tags never parsed)."""

@@ -151,3 +151,18 @@ def test_drop_in_llmlingua2_options(l2_dir, nq_rows):
     assert all(item.rsplit(" ", 1)[1] in ("0", "1") for item in labels)
     res2 = pc.compress_prompt_llmlingua2(docs, target_token=100)
     assert res2["compressed_tokens"] <= 130
+
+
+def test_adapters_take_llmlingua2(l2_dir, nq_rows):
+    from langchain_core.documents import Document
+    from pydantic import ValidationError
+
+    from lingua_integrations.langchain import LinguaDocumentCompressor
+
+    with pytest.raises(ValidationError, match="llmlingua2_model"):
+        LinguaDocumentCompressor(method="llmlingua2")
+    c = LinguaDocumentCompressor(method="llmlingua2", llmlingua2_model=str(l2_dir), rate=0.4, device_map="cpu")
+    docs = [Document(page_content=r["text"], metadata={"row": i}) for i, r in enumerate(nq_rows[50:56])]
+    out = c.compress_documents(docs, nq_rows[50]["question"])
+    assert out and all(d.metadata["lingua"]["method"] == "llmlingua2" for d in out)
+    assert all(d.metadata["row"] == docs[d.metadata["lingua"]["index"]].metadata["row"] for d in out)
