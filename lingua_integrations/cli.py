@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file", nargs="?", help="JSONL input (default: stdin)")
     p.add_argument("--method", default="longllmlingua", choices=METHODS,
-                   help="longllmlingua (question-aware, default) or llmlingua")
+                   help="longllmlingua (question-aware, default), llmlingua, or llmlingua2 (needs --llmlingua2-model)")
+    p.add_argument("--llmlingua2-model", default=None,
+                   help="token-classification model for --method llmlingua2 (hub id or local directory)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, local directory or hub id (default {DEFAULT_MODEL})")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--rate", type=float, default=None, help="share of target-LLM tokens to keep (default 0.5)")
@@ -67,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rate = 0.5 if args.rate is None and args.target_tokens is None else args.rate
     try:
-        engine = CompressionEngine.shared(args.model, args.device, args.dtype, args.encoding)
-        engine.scorer.batch_size = args.batch_size
+        if args.method == "llmlingua2" and not args.llmlingua2_model:
+            raise ValueError("--method llmlingua2 needs --llmlingua2-model (e.g. "
+                             "microsoft/llmlingua-2-xlm-roberta-large-meetingbank or a local directory)")
+        engine = CompressionEngine.shared(args.model, args.device, args.dtype, args.encoding,
+                                          llmlingua2_model=args.llmlingua2_model)
+        engine.batch_size = args.batch_size
         stream = open(args.file, encoding="utf-8") if args.file else sys.stdin
     except (ValueError, TypeError, OSError) as exc:
         print(f"lingua-compress: {exc}", file=sys.stderr)

@@ -204,6 +204,7 @@ class CompressionEngine:
             if self._scorer is None:
                 loaded = ModelRegistry.get_causal_lm(self.model_name, self._device, self._dtype, **self._options)
                 self._scorer = CausalScorer(loaded, batch_size=self.batch_size)
+            self._scorer.batch_size = self.batch_size
             return self._scorer
 
     @property

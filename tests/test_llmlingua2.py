@@ -166,3 +166,17 @@ def test_adapters_take_llmlingua2(l2_dir, nq_rows):
     out = c.compress_documents(docs, nq_rows[50]["question"])
     assert out and all(d.metadata["lingua"]["method"] == "llmlingua2" for d in out)
     assert all(d.metadata["row"] == docs[d.metadata["lingua"]["index"]].metadata["row"] for d in out)
+
+
+def test_cli_llmlingua2(l2_dir, nq_rows):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lingua_integrations", "--method", "llmlingua2", "--llmlingua2-model", str(l2_dir),
+         "--device", "cpu", "--rate", "0.33"],
+        input=json.dumps({"context": [r["text"] for r in nq_rows[60:63]]}) + "\n", capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert 0.33 * 0.85 <= out["compressed_tokens"] / out["origin_tokens"] <= 0.33 * 1.15
+    bad = subprocess.run([sys.executable, "-m", "lingua_integrations", "--method", "llmlingua2"], input="",
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--llmlingua2-model" in bad.stderr
