@@ -13,10 +13,8 @@ usage: python benchmarks/llmlingua2_cpu.py [--docs 300]
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -31,6 +29,7 @@ import torch  # noqa: E402
 
 from lingua_integrations import PromptCompressor  # noqa: E402
 from lingua_integrations.evaluation.nq import build_minilm_token_classifier, load_rows, minilm_dir  # noqa: E402
+from lingua_integrations.evaluation.reference import subprocess_env  # noqa: E402
 
 REF_TIMER = r'''
 import json, statistics, sys, time
@@ -68,13 +67,7 @@ def main() -> None:
         tmp = Path(tmp)
         (tmp / "input.txt").write_text(text)
         (tmp / "timer.py").write_text(REF_TIMER)
-        tk = tmp / "tk"
-        tk.mkdir()
-        import tiktoken_ext
-
-        url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
-        shutil.copy(Path(list(tiktoken_ext.__path__)[0]) / "data" / "cl100k_base.tiktoken",
-                    tk / hashlib.sha1(url.encode()).hexdigest())
+        env = subprocess_env(Path(args.reference_env), tmp)
         shapes = {
             "MiniLM-L6 (6x384)": build_minilm_token_classifier(tmp / "bert-base-multilingual-cased-minilm"),
             "tiny (1x64)": tiny_classifier(tmp / "bert-base-multilingual-cased-tiny"),
@@ -92,7 +85,6 @@ def main() -> None:
             t = time.perf_counter()
             clf.classify([text])  # encoder + word grouping
             classify_s = time.perf_counter() - t
-            env = {**os.environ, "PYTHONPATH": args.reference_env, "TIKTOKEN_CACHE_DIR": str(tk), "HF_HUB_OFFLINE": "1"}
             proc = subprocess.run([sys.executable, str(tmp / "timer.py"), str(path), str(tmp / "input.txt")],
                                   capture_output=True, text=True, env=env)
             ref = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None

@@ -13,13 +13,8 @@ usage: python benchmarks/rate_adherence.py [--rate 0.33] [--sizes 100,500,...] [
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from lingua_integrations import CompressionEngine, TokenCounter  # noqa: E402
 from lingua_integrations.evaluation import load_rows  # noqa: E402
+from lingua_integrations.evaluation.reference import run_reference  # noqa: E402
 from lingua_integrations.models import materialize_embedded  # noqa: E402
 
 REFERENCE_KWARGS = dict(condition_in_question="after_condition", reorder_context="sort",
@@ -51,28 +47,6 @@ def make_prompt(rows: list[dict], size: int, count: TokenCounter) -> list[str]:
         docs.append(text)
         total += n
     return docs
-
-
-def run_reference(requests: list[dict], device: str, env_dir: Path) -> list[dict] | None:
-    if not (env_dir / "llmlingua").is_dir():
-        print(f"(reference env missing at {env_dir}; run tools/reference/setup.sh)", file=sys.stderr)
-        return None
-    import tiktoken_ext
-
-    with tempfile.TemporaryDirectory() as tmp:
-        url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
-        shutil.copy(Path(list(tiktoken_ext.__path__)[0]) / "data" / "cl100k_base.tiktoken",
-                    Path(tmp) / hashlib.sha1(url.encode()).hexdigest())
-        req_path = Path(tmp) / "requests.json"
-        req_path.write_text(json.dumps(requests))
-        env = {**os.environ, "PYTHONPATH": str(env_dir), "TIKTOKEN_CACHE_DIR": tmp, "HF_HUB_OFFLINE": "1"}
-        proc = subprocess.run([sys.executable, str(ROOT / "tools/reference/run_reference.py"),
-                               str(materialize_embedded("smollm2-135m")), device, str(req_path)],
-                              capture_output=True, text=True, env=env)
-    if proc.returncode:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        return None
-    return json.loads(proc.stdout)
 
 
 def main() -> None:
@@ -101,7 +75,11 @@ def main() -> None:
     reference = None
     if not args.no_reference:
         reqs = [{"context": d, "question": question, "kwargs": {**REFERENCE_KWARGS, "rate": args.rate}} for d in prompts]
-        reference = run_reference(reqs, args.device, Path(args.reference_env))
+        try:
+            reference = run_reference(reqs, materialize_embedded("smollm2-135m"), args.device,
+                                      env_dir=Path(args.reference_env))
+        except (FileNotFoundError, RuntimeError) as exc:
+            print(f"(no reference column: {exc})", file=sys.stderr)
 
     lines = ["| prompt tokens | docs | ours: achieved/asked | ours s | reference: achieved/asked | reference s |",
              "|---|---|---|---|---|---|"]

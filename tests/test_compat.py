@@ -7,18 +7,11 @@ fp32, CPU, the same 20-document NQ cases and the reference's LongLLMLingua param
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-from conftest import REFERENCE_ENV, ROOT
+from conftest import REFERENCE_ENV
 
 LONG = dict(rate=0.33, condition_in_question="after_condition", reorder_context="sort",
             dynamic_context_compression_ratio=0.3, condition_compare=True, context_budget="+100",
@@ -48,33 +41,15 @@ def doc_order(prompt: str, documents: list[str]) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def reference_results(nq_cases, tmp_path_factory):
-    if not (REFERENCE_ENV / "llmlingua").is_dir():
-        pytest.fail(f"reference environment missing at {REFERENCE_ENV}: run tools/reference/setup.sh")
+def reference_results(nq_cases):
+    from lingua_integrations.evaluation.reference import run_reference
     from lingua_integrations.models import materialize_embedded
 
-    work = tmp_path_factory.mktemp("reference")
-    # tiktoken in the reference env finds cl100k_base by the sha1 of its download URL
-    import tiktoken_ext
-
-    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
-    tk = work / "tiktoken"
-    tk.mkdir()
-    shutil.copy(Path(list(tiktoken_ext.__path__)[0]) / "data" / "cl100k_base.tiktoken",
-                tk / hashlib.sha1(url.encode()).hexdigest())
     requests = []
     for case in nq_cases[:5]:
         requests.append({"context": case.documents, "question": case.question, "kwargs": LONG})
         requests.append({"context": case.documents, "question": "", "kwargs": PLAIN})
-    (work / "requests.json").write_text(json.dumps(requests))
-    env = {**os.environ, "PYTHONPATH": str(REFERENCE_ENV), "TIKTOKEN_CACHE_DIR": str(tk), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "reference" / "run_reference.py"),
-         str(materialize_embedded("smollm2-135m")), "cpu", str(work / "requests.json")],
-        capture_output=True, text=True, env=env, timeout=3000,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout)
+    results = run_reference(requests, materialize_embedded("smollm2-135m"), "cpu", env_dir=REFERENCE_ENV)
     assert all(r["transformers"].startswith("4.46") for r in results)
     return requests, results
 

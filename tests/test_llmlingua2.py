@@ -4,7 +4,6 @@ real NQ text: mechanics, any tokenizer, question-aware ranking, and the referenc
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -13,9 +12,10 @@ from collections import Counter
 
 import pytest
 
-from conftest import REFERENCE_ENV, ROOT
+from conftest import REFERENCE_ENV
 from lingua_integrations import CompressionEngine, PromptCompressor
 from lingua_integrations.evaluation.nq import build_minilm_token_classifier
+from lingua_integrations.evaluation.reference import run_reference
 
 WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -106,30 +106,13 @@ def _f1(a: str, b: str) -> float:
 
 @pytest.mark.reference
 def test_same_words_as_the_reference(l2_dir, nq_rows, tmp_path):
-    if not (REFERENCE_ENV / "llmlingua").is_dir():
-        pytest.fail(f"reference environment missing at {REFERENCE_ENV}: run tools/reference/setup.sh")
     # the reference picks its word rules from the *name*; give it one it knows
     ref_dir = tmp_path / "bert-base-multilingual-cased-minilm-seeded"
     shutil.copytree(l2_dir, ref_dir)
     kwargs = dict(rate=0.33, force_tokens=["\n", "?"])
     requests = [{"context": [nq_rows[i]["text"]], "kwargs": kwargs} for i in range(20, 26)]
     requests += [{"context": [r["text"] for r in nq_rows[30 + 10 * k : 40 + 10 * k]], "kwargs": kwargs} for k in range(3)]
-    (tmp_path / "requests.json").write_text(json.dumps(requests))
-    import hashlib
-
-    import tiktoken_ext
-
-    tk = tmp_path / "tk"
-    tk.mkdir()
-    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
-    shutil.copy(os.path.join(list(tiktoken_ext.__path__)[0], "data", "cl100k_base.tiktoken"),
-                tk / hashlib.sha1(url.encode()).hexdigest())
-    env = {**os.environ, "PYTHONPATH": str(REFERENCE_ENV), "TIKTOKEN_CACHE_DIR": str(tk), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tools/reference/run_reference.py"), str(ref_dir), "cpu",
-                           str(tmp_path / "requests.json"), "llmlingua2"], capture_output=True, text=True, env=env,
-                          timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reference = json.loads(proc.stdout)
+    reference = run_reference(requests, ref_dir, "cpu", llmlingua2=True, env_dir=REFERENCE_ENV)
     pc = PromptCompressor(model_name=str(l2_dir), device_map="cpu", use_llmlingua2=True)
     f1s = []
     for req, ref in zip(requests, reference):

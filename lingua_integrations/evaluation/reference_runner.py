@@ -3,7 +3,7 @@
 Runs in the reference environment only (transformers 4.46.x on PYTHONPATH), as a
 subprocess of our tests and benchmarks; lingua_integrations never imports llmlingua.
 
-usage: PYTHONPATH=.cache/reference-env python run_reference.py MODEL_DIR DEVICE REQUESTS.json [llmlingua2]
+usage: PYTHONPATH=.cache/reference-env python reference_runner.py MODEL_DIR DEVICE REQUESTS.json [llmlingua2]
 Each request: {"context": [...], "question": "...", "kwargs": {...}}; the output is one
 JSON list of the reference's result dicts plus "seconds" (wall time of that call).
 """
