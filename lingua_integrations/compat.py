@@ -25,6 +25,7 @@ a ``ValueError`` instead of silently doing something else.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -48,11 +49,13 @@ def _reference_select(ct: ClassifiedText, reduce_rate: float, count, drop_consec
         for w in ct.words:
             w.kept = True
         return
-    for chunk in sorted({w.chunk for w in ct.words}):
-        words = [w for w in ct.words if w.chunk == chunk]
+    by_chunk: dict[int, list] = {}
+    for w in ct.words:
+        by_chunk.setdefault(w.chunk, []).append(w)
+    sizes: dict[str, int] = {}  # target tokens per distinct word text
+    for words in by_chunk.values():
         probs = [1.0 if w.forced else w.prob for w in words]
-        texts = [tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(w.ids)) if w.ids
-                 else ct.word_text(w) for w in words]
+        texts = [_model_view(tokenizer, tuple(w.ids)) if w.ids else ct.word_text(w) for w in words]
         if drop_consecutive:
             cut = float(np.percentile(probs, int(100 * reduce_rate)))
             between, prev = False, None
@@ -65,10 +68,20 @@ def _reference_select(ct: ClassifiedText, reduce_rate: float, count, drop_consec
                     prev = texts[k]
                 else:
                     between |= probs[k] > cut
-        weighted = [p for p, t in zip(probs, texts) for _ in range(max(1, count(t)) if not t.isspace() else 1)]
+        for t in texts:
+            if t not in sizes:
+                sizes[t] = 1 if t.isspace() else max(1, count(t))
+        weighted = np.repeat(np.asarray(probs, dtype=np.float64), [sizes[t] for t in texts])
         cut = float(np.percentile(weighted, int(100 * reduce_rate + 1)))
         for w, p in zip(words, probs):
             w.kept = p > cut or (cut == 1.0 and p == 1.0)
+
+
+@functools.lru_cache(maxsize=65536)
+def _model_view(tokenizer, ids: tuple[int, ...]) -> str:
+    """A word as the model sees it (sub-tokens joined; lower-cased by uncased tokenizers)."""
+    return tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(list(ids)))
+
 
 _LLMLINGUA2_ONLY = {
     "target_context", "context_level_rate", "context_level_target_token", "return_word_label", "word_sep",

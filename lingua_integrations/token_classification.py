@@ -21,6 +21,7 @@ import torch
 from .models import LoadedModel
 
 _DIGIT = re.compile(r"\d")
+_ALNUM = re.compile(r"[^\W_]")  # a letter or a digit
 
 
 @dataclass
@@ -146,19 +147,20 @@ class TokenClassifier:
         words: list[Word] = []
         sums: list[list[float]] = []
         last_wid, last_punct = None, False
+        probs, chunks, ids = probs.tolist(), chunks.tolist(), enc.input_ids  # plain lists: fast indexing
         for k, (wid, (s, e)) in enumerate(zip(enc.word_ids(), enc.offset_mapping)):
             piece = text[s:e]
             s += len(piece) - len(piece.lstrip())  # byte-level BPE offsets include the leading space
             if e <= s:
                 continue  # a whitespace-only token: layout, not a word
-            punct = not any(ch.isalnum() for ch in text[s:e])
+            punct = not _ALNUM.search(text, s, e)
             if not words or wid is None or wid != last_wid or punct or last_punct:
-                words.append(Word(s, e, 0.0, chunk=int(chunks[k])))
+                words.append(Word(s, e, 0.0, chunk=chunks[k]))
                 sums.append([])
             else:
                 words[-1].end = e
-            sums[-1].append(float(probs[k]))
-            words[-1].ids.append(enc.input_ids[k])
+            sums[-1].append(probs[k])
+            words[-1].ids.append(ids[k])
             last_wid, last_punct = wid, punct
         for w, ps in zip(words, sums):
             w.prob = sum(ps) / len(ps)
@@ -193,8 +195,13 @@ def select_words(texts: Sequence[ClassifiedText], rates: Sequence[float], count)
     """Keep, per text, the most probable words until ``rate`` of its target-LLM tokens
     (forced words first, and counted). Sets ``Word.kept``."""
     for ct, rate in zip(texts, rates):
-        sizes = [max(1, count(ct.text[w.start : w.end])) if not ct.text[w.start : w.end].isspace() else 0
-                 for w in ct.words]
+        known: dict[str, int] = {}
+        sizes = []
+        for w in ct.words:
+            piece = ct.text[w.start : w.end]
+            if piece not in known:
+                known[piece] = 0 if piece.isspace() else max(1, count(piece))
+            sizes.append(known[piece])
         budget = rate * sum(sizes)
         for w in ct.words:
             w.kept = w.forced
