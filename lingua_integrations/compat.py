@@ -30,14 +30,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-
 from . import budget as bc
 from .engine import SEPARATOR, CompressionEngine, _Layout, validate_contexts
 from .itpc import iterative_compress
 from .models import DEFAULT_MODEL
 from .ranking import rank_contexts
 from .structured import parse_spans
-from .token_classification import ClassifiedText, insert_newlines, mark_forced
+from .token_classification import ClassifiedText, prepare
 
 
 def _reference_select(ct: ClassifiedText, reduce_rate: float, count, drop_consecutive: bool, tokenizer) -> None:
@@ -87,6 +86,16 @@ _LLMLINGUA2_ONLY = {
     "target_context", "context_level_rate", "context_level_target_token", "return_word_label", "word_sep",
     "label_sep", "token_to_word", "force_tokens", "force_reserve_digit", "drop_consecutive", "chunk_end_tokens",
 }
+
+
+def _result(prompt: str, origin: int, compressed: int, **extra: Any) -> dict:
+    """The reference's result keys and their formats."""
+    ratio = 1 if compressed == 0 else origin / compressed
+    return {
+        "compressed_prompt": prompt, **extra, "origin_tokens": origin, "compressed_tokens": compressed,
+        "ratio": f"{ratio:.1f}x", "rate": f"{100 / ratio:.1f}%",
+        "saving": f", Saving ${(origin - compressed) * 0.06 / 1000:.1f} in GPT-4.",
+    }
 
 
 def _device_from_map(device_map: str | None) -> str:
@@ -252,17 +261,7 @@ class PromptCompressor:
         if question and concate_question:
             parts.append(question)
         prompt = SEPARATOR.join(parts)
-        compressed_tokens = self.oai_count(prompt)
-        saving = (origin_tokens - compressed_tokens) * 0.06 / 1000
-        ratio = 1 if compressed_tokens == 0 else origin_tokens / compressed_tokens
-        return {
-            "compressed_prompt": prompt,
-            "origin_tokens": origin_tokens,
-            "compressed_tokens": compressed_tokens,
-            "ratio": f"{ratio:.1f}x",
-            "rate": f"{100 / ratio:.1f}%",
-            "saving": f", Saving ${saving:.1f} in GPT-4.",
-        }
+        return _result(prompt, origin_tokens, self.oai_count(prompt))
 
     def compress_prompt_llmlingua2(
         self,
@@ -297,10 +296,7 @@ class PromptCompressor:
         count = self.oai_count
         origin = sum(count(c) for c in contexts)
         docs = self.engine.classifier.classify(contexts, chunk_end_tokens)
-        for ct in docs:
-            if "\n" in force_tokens:
-                insert_newlines(ct)
-            mark_forced(ct, force_tokens, force_reserve_digit)
+        prepare(docs, force_tokens, force_reserve_digit)
         keep = list(range(len(contexts)))
         if use_context_level_filter and len(contexts) > 1:
             if target_context <= 0 and context_level_rate >= 1.0 and context_level_target_token <= 0:
@@ -324,13 +320,7 @@ class PromptCompressor:
             _reference_select(docs[i], reduce, count, drop_consecutive, self.tokenizer)
         compressed = [docs[i].compressed(drop_consecutive) for i in keep]
         prompt = SEPARATOR.join(compressed)
-        compressed_tokens = sum(count(c) for c in compressed)
-        ratio = 1 if compressed_tokens == 0 else origin / compressed_tokens
-        res = {
-            "compressed_prompt": prompt, "compressed_prompt_list": compressed, "origin_tokens": origin,
-            "compressed_tokens": compressed_tokens, "ratio": f"{ratio:.1f}x", "rate": f"{100 / ratio:.1f}%",
-            "saving": f", Saving ${(origin - compressed_tokens) * 0.06 / 1000:.1f} in GPT-4.",
-        }
+        res = _result(prompt, origin, sum(count(c) for c in compressed), compressed_prompt_list=compressed)
         if return_word_label:
             res["fn_labeled_original_prompt"] = word_sep.join(
                 f"{ct.word_text(w)}{label_sep}{int(w.kept)}" for i, ct in enumerate(docs) for w in ct.words

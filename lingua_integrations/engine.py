@@ -27,7 +27,7 @@ from .ranking import rank_contexts
 from .recovery import recover as _recover
 from .scoring import CausalScorer
 from .structured import parse_spans
-from .token_classification import TokenClassifier, insert_newlines, mark_forced, select_words
+from .token_classification import TokenClassifier, prepare, select_words
 from .tokens import DEFAULT_ENCODING, TokenCounter, TokenCounterLike
 
 Method = Literal["llmlingua", "longllmlingua", "llmlingua2"]
@@ -148,9 +148,11 @@ class _Layout:
                     break
             owner.append(who)
         offsets = [tuple(o) for o in enc.offset_mapping]
-        unit, last_end = [], -1
+        unit, current, last_end = [], -1, -1
         for s, e in offsets:
-            unit.append(unit[-1] if unit and s < last_end else len(unit) and unit[-1] + 1)
+            if s >= last_end:  # starts after every earlier token: a new character
+                current += 1
+            unit.append(current)
             last_end = max(last_end, e)
         return cls(list(enc.input_ids), owner, spans, offsets, unit)
 
@@ -373,10 +375,11 @@ class CompressionEngine:
         if token_classification and used:
             compressed, words = self._token_classification(
                 texts, used, classified, delta_of, context_target if use_token_level_filter else None,
-                force_tokens, force_reserve_digit, drop_consecutive, chunk_end_tokens)
+                sum(lengths[i] for i in used), force_tokens, force_reserve_digit, drop_consecutive, chunk_end_tokens)
         elif use_token_level_filter and used:
             compressed = self._fine(
-                texts, span_lists, used, delta_of, question if contrast else "", context_target, iterative_size
+                texts, span_lists, used, delta_of, question if contrast else "", context_target, iterative_size,
+                sum(lengths[i] for i in used),
             )
         label = method if question_aware or method != "longllmlingua" else "llmlingua"
         result = self._assemble(contexts, texts, lengths, compressed, used, ranks, scores, instruction, question,
@@ -395,20 +398,16 @@ class CompressionEngine:
         return _recover(self.tokenizer, original_prompt, compressed_prompt, response)
 
     # ------------------------------------------------------------------ internals
-    def _token_classification(self, texts, used, classified, delta_of, context_target, force_tokens,
+    def _token_classification(self, texts, used, classified, delta_of, context_target, total, force_tokens,
                               force_digits, drop_consecutive, chunk_end_tokens) -> tuple[dict[int, str], dict]:
         """LLMLingua-2's fine step: keep each kept context's most probable words, at the
         context's rate (the budget's share, shifted by its rank's dynamic ratio)."""
         missing = [i for i in used if i not in classified]
         classified = {**classified, **dict(zip(missing, self.classifier.classify([texts[i] for i in missing],
                                                                                  chunk_end_tokens)))}
-        total = sum(self.count(texts[i]) for i in used)
         tau = 1.0 if context_target is None or not total else min(1.0, context_target / total)
         docs = [classified[i] for i in used]
-        for ct in docs:
-            if "\n" in force_tokens:
-                insert_newlines(ct)
-            mark_forced(ct, force_tokens, force_digits)
+        prepare(docs, force_tokens, force_digits)
         select_words(docs, [bc.clamp_rate(tau, delta_of.get(i, 0.0)) for i in used], self.count)
         compressed = {i: ct.compressed(drop_consecutive) for i, ct in zip(used, docs)}
         words = {i: [(ct.word_text(w), round(w.prob, 4), w.kept) for w in ct.words] for i, ct in zip(used, docs)}
@@ -423,15 +422,16 @@ class CompressionEngine:
         prefix: str,
         context_target: float,
         window: int,
+        kept_target_tokens: int,
     ) -> dict[int, str]:
-        """Token-level step (ITPC) over the kept contexts, then fit to the budget."""
+        """Token-level step (ITPC) over the kept contexts, then fit to the budget.
+        ``kept_target_tokens``: target-LLM tokens of those contexts (already counted)."""
         pieces = ([prefix] if prefix else []) + [texts[i] for i in used]
         layout = _Layout.build(self.tokenizer, pieces)
         first_ctx = 1 if prefix else 0
         owner_ctx = [used[o - first_ctx] if o >= first_ctx else -1 for o in layout.owner]
         start = next((p for p, o in enumerate(layout.owner) if o >= first_ctx), len(layout.ids)) if prefix else 0
 
-        kept_target_tokens = sum(self.count(texts[i]) for i in used)
         n_small = sum(1 for o in owner_ctx if o >= 0)
         small_per_target = n_small / kept_target_tokens if kept_target_tokens else 1.0
         tau = min(1.0, context_target * small_per_target / n_small) if n_small else 1.0

@@ -191,6 +191,14 @@ def mark_forced(ct: ClassifiedText, force_tokens: Sequence[str], force_digits: b
             w.forced = True
 
 
+def prepare(texts: Sequence[ClassifiedText], force_tokens: Sequence[str], force_digits: bool) -> None:
+    """Line breaks become words when ``"\n"`` is forced; forced words are marked."""
+    for ct in texts:
+        if "\n" in force_tokens:
+            insert_newlines(ct)
+        mark_forced(ct, force_tokens, force_digits)
+
+
 def select_words(texts: Sequence[ClassifiedText], rates: Sequence[float], count) -> None:
     """Keep, per text, the most probable words until ``rate`` of its target-LLM tokens
     (forced words first, and counted). Sets ``Word.kept``."""
