@@ -16,7 +16,8 @@ from .models import DEFAULT_MODEL
 
 # options an adapter sets itself; passing them through additional_compress_kwargs would
 # bypass validation or let retrieved text carry compression tags
-_RESERVED = {"context", "question", "instruction", "method", "rate", "target_token", "structured"}
+_RESERVED = {"context", "question", "instruction", "method", "rate", "target_token", "structured", "ranking",
+             "granularity", "evidence"}
 
 
 class LinguaSettings(BaseModel):
@@ -40,6 +41,14 @@ class LinguaSettings(BaseModel):
     rate: float = Field(0.5, gt=0.0, le=1.0, description="share of target-LLM tokens to keep")
     target_token: int | None = Field(None, gt=0, description="absolute budget in target-LLM tokens (overrides rate)")
     instruction: str = Field("", description="kept whole and counted in the budget")
+    ranking: Literal["auto", "hybrid", "perplexity", "bm25"] = Field(
+        "auto", description="document ranking with a query: auto/hybrid fuses the small LM with BM25; "
+                            "'perplexity' is LongLLMLingua's own")
+    granularity: Literal["word", "token"] = Field(
+        "word", description="delete whole words (numbers, URLs, dates intact) or single tokens as the papers do")
+    evidence: bool | None = Field(
+        None, description="keep the most query-relevant sentences when whole documents exceed the budget "
+                          "(None: when needed, False: never)")
     token_counter: str = Field("cl100k_base", description="tiktoken encoding that counts target-LLM tokens")
     additional_compress_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="other CompressionEngine.compress options (context_budget, ...)")
@@ -72,7 +81,8 @@ class LinguaSettings(BaseModel):
         return self.engine().compress(
             list(texts), question=query or "", instruction=self.instruction, method=options.pop("method", self.method),
             rate=options.pop("rate", self.rate), target_token=options.pop("target_token", self.target_token),
-            structured=False, **options,
+            ranking=options.pop("ranking", self.ranking), granularity=options.pop("granularity", self.granularity),
+            evidence=options.pop("evidence", self.evidence), structured=False, **options,
         )
 
 

@@ -15,7 +15,7 @@ import json
 import sys
 from typing import IO, Iterator
 
-from .engine import METHODS, CompressionEngine
+from .engine import METHODS, RANKINGS, CompressionEngine
 from .models import DEFAULT_MODEL
 
 
@@ -33,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--rate", type=float, default=None, help="share of target-LLM tokens to keep (default 0.5)")
     budget.add_argument("--target-tokens", type=int, default=None, help="target-LLM tokens to keep")
+    p.add_argument("--ranking", default="auto", choices=RANKINGS,
+                   help="document ranking with a question: auto/hybrid (small LM + BM25), perplexity, bm25")
+    p.add_argument("--granularity", default="word", choices=("word", "token"),
+                   help="delete whole words (default) or single small-LM tokens as the papers do")
+    p.add_argument("--no-evidence", action="store_true",
+                   help="never cut documents to their question-relevant sentences at tight budgets")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
     p.add_argument("--batch-size", type=int, default=8, help="contexts scored together when ranking")
@@ -91,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             req = _request(line)
             res = engine.compress(req["context"], question=req.get("question") or "",
                                   instruction=req.get("instruction") or "", method=args.method, rate=rate,
-                                  target_token=args.target_tokens)
+                                  target_token=args.target_tokens, ranking=args.ranking,
+                                  granularity=args.granularity, evidence=False if args.no_evidence else None)
             out = {
                 "compressed_prompt": res.compressed_prompt, "origin_tokens": res.origin_tokens,
                 "compressed_tokens": res.compressed_tokens, "rate": round(res.rate, 4),

@@ -12,6 +12,8 @@ included, lives in :mod:`.compat`.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import math
 import threading
 from dataclasses import asdict, dataclass
@@ -23,15 +25,27 @@ from . import budget as bc
 from .itpc import iterative_compress
 from .models import (DEFAULT_MODEL, EMBEDDED_MODELS, LoadedModel, ModelRegistry, options_key, resolve_device,
                      resolve_dtype)
-from .ranking import rank_contexts
+from .evidence import select_evidence
+from .lexical import bm25_scores
+from .ranking import Ranked, fuse, rank_contexts
 from .recovery import recover as _recover
 from .scoring import CausalScorer
 from .structured import parse_spans
 from .token_classification import TokenClassifier, prepare, select_words
+from .units import Granularity, token_units
 from .tokens import DEFAULT_ENCODING, TokenCounter, TokenCounterLike
 
 Method = Literal["llmlingua", "longllmlingua", "llmlingua2"]
 METHODS = ("llmlingua", "longllmlingua", "llmlingua2")
+Ranking = Literal["auto", "hybrid", "perplexity", "bm25"]
+RANKINGS = ("auto", "hybrid", "perplexity", "bm25")
+# hybrid ranking: BM25 counts this many times the small LM in the rank fusion (a 135M
+# LM ranks NQ passages well below BM25; fusing still fixes some of BM25's misses)
+LEXICAL_WEIGHT = 2.0
+# below this token-level rate, whole documents are too many for the budget: the
+# evidence step keeps sentences instead, and the fine step prunes them at this rate
+EVIDENCE_RATE = 0.8
+RERANK_DEPTH = 8  # hybrid ranking: the LM re-ranks at least this many of BM25's best
 SEPARATOR = "\n\n"
 RATE_TOLERANCE = 0.05  # the budget fit stops within +-5% of the target
 
@@ -126,10 +140,11 @@ class _Layout:
     owner: list[int]  # index of the piece a token belongs to; -1 for separator tokens
     piece_chars: list[tuple[int, int]]
     offsets: list[tuple[int, int]]  # character span of each token in the joined text
-    unit: list[int]  # tokens that share a character (byte pieces of one glyph) share a unit
+    unit: list[int]  # tokens deleted together (one word, or the byte pieces of one glyph) share a unit
 
     @classmethod
-    def build(cls, tokenizer, pieces: Sequence[str], sep: str = SEPARATOR) -> "_Layout":
+    def build(cls, tokenizer, pieces: Sequence[str], sep: str = SEPARATOR,
+              granularity: Granularity = "token") -> "_Layout":
         text, spans, pos = "", [], 0
         for i, p in enumerate(pieces):
             if i:
@@ -139,22 +154,16 @@ class _Layout:
             text += p
             pos += len(p)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        owner = []
-        for s, e in enc.offset_mapping:
-            who = -1
-            for i, (ps, pe) in enumerate(spans):
-                if s < pe and e > ps:  # overlaps the piece
-                    who = i
-                    break
-            owner.append(who)
         offsets = [tuple(o) for o in enc.offset_mapping]
-        unit, current, last_end = [], -1, -1
+        starts = [ps for ps, _ in spans]
+        owner = []
         for s, e in offsets:
-            if s >= last_end:  # starts after every earlier token: a new character
-                current += 1
-            unit.append(current)
-            last_end = max(last_end, e)
-        return cls(list(enc.input_ids), owner, spans, offsets, unit)
+            # the first piece the token overlaps (pieces are sorted and disjoint)
+            i = max(0, bisect.bisect_right(starts, s) - 1)
+            while i < len(spans) and spans[i][1] <= s and not (s == e == spans[i][0]):
+                i += 1
+            owner.append(i if i < len(spans) and s < spans[i][1] and e > spans[i][0] else -1)
+        return cls(list(enc.input_ids), owner, spans, offsets, token_units(text, offsets, granularity))
 
 
 class CompressionEngine:
@@ -196,6 +205,7 @@ class CompressionEngine:
         self._scorer: CausalScorer | None = None
         self._classifier: TokenClassifier | None = None
         self._lazy = threading.Lock()
+        self._rankings: dict[tuple, list[Ranked]] = {}  # recent coarse rankings (insertion-ordered)
         if llmlingua2_model is None:
             self.scorer  # noqa: B018 - load now: the causal LM is what this engine is for
 
@@ -286,6 +296,9 @@ class CompressionEngine:
         context_level_rate: float | None = None,
         chunk_end_tokens: Sequence[str] = (".", "\n"),
         return_words: bool = False,
+        ranking: Ranking = "auto",
+        granularity: Granularity = "word",
+        evidence: bool | None = None,
     ) -> CompressionResult:
         """Compress ``context`` to ``rate`` of the prompt's target-LLM tokens (or to
         ``target_token`` tokens), keeping ``instruction`` and ``question`` whole.
@@ -296,6 +309,17 @@ class CompressionEngine:
         perplexity ranking, original order, plain surprisal.
         ``structured=True`` honours ``<llmlingua, rate=..., compress=False>`` tags in
         the contexts; enable it only for text you wrote, never for retrieved documents.
+
+        Where this goes beyond the papers (each can be switched back):
+
+        * ``ranking``: with a question, ``"auto"`` fuses the small LM's question
+          perplexity with BM25 (``"hybrid"``); ``"perplexity"`` is LongLLMLingua's own
+          ranking, ``"bm25"`` lexical only. Without a question: perplexity (LLMLingua).
+        * ``granularity="word"`` deletes whole words, numbers, URLs and dates, never
+          parts of them; ``"token"`` deletes single small-LM tokens as the papers do.
+        * ``evidence``: with a question and a budget too tight for whole documents,
+          keep the documents' most question-relevant sentences before pruning tokens
+          (``None``: when needed; ``False``: never).
         """
         contexts = validate_contexts(context)
         validate_budget(rate, target_token)
@@ -309,6 +333,10 @@ class CompressionEngine:
         question, instruction = question or "", instruction or ""
         if iterative_size < 2:
             raise ValueError("iterative_size must be at least 2")
+        if ranking not in RANKINGS:
+            raise ValueError(f"ranking {ranking!r} must be one of {RANKINGS}")
+        if granularity not in ("word", "token"):
+            raise ValueError(f"granularity {granularity!r} must be 'word' or 'token'")
         if force_context_ids is not None:
             bad = [i for i in force_context_ids if not isinstance(i, int) or not 0 <= i < len(contexts)]
             if bad:
@@ -333,6 +361,8 @@ class CompressionEngine:
         target = float(target_token) if target_token not in (None, -1) else rate * origin
         context_target = max(0.0, target - fixed)
 
+        fine_texts, fine_lengths = texts, lengths  # what the fine step prunes (the evidence step may cut)
+
         # coarse: rank and select whole contexts
         candidates = [i for i, t in enumerate(texts) if t.strip()]
         ranks: dict[int, int] = {}
@@ -351,9 +381,7 @@ class CompressionEngine:
             used_rank_order = [i for i in by_prob if i in used]
             used = bc.reorder(used, reorder_how)
         elif len(candidates) > 1 and use_context_level_filter:
-            ranked = rank_contexts(
-                self.scorer, [texts[i] for i in candidates], question, "after" if question_aware else "none"
-            )
+            ranked = self._rank([texts[i] for i in candidates], question if question_aware else "", ranking)
             order_ranked = [candidates[r.index] for r in ranked]
             for pos, r in enumerate(ranked):
                 ranks[candidates[r.index]] = pos
@@ -362,6 +390,11 @@ class CompressionEngine:
             used = bc.select_contexts(order_ranked, lengths, budget, force_context_ids, force_context_number)
             if context_target <= 0:
                 used = list(force_context_ids or [])
+            if (question_aware and not token_classification and evidence is not False and use_token_level_filter
+                    and not structured and context_target > 0
+                    and (evidence or context_target < EVIDENCE_RATE * sum(lengths[i] for i in used))):
+                fine_texts, fine_lengths, used = self._evidence(question, texts, order_ranked, used,
+                                                                context_target / EVIDENCE_RATE, force_context_ids)
             used_rank_order = list(used)
             used = bc.reorder(used, reorder_how)
         else:
@@ -370,7 +403,7 @@ class CompressionEngine:
         offsets = bc.dynamic_ratios(len(used_rank_order), delta)
         delta_of = dict(zip(used_rank_order, offsets))
 
-        compressed = {i: texts[i] for i in used}
+        compressed = {i: fine_texts[i] for i in used}
         words: dict[int, list] = {}
         if token_classification and used:
             compressed, words = self._token_classification(
@@ -378,8 +411,8 @@ class CompressionEngine:
                 sum(lengths[i] for i in used), force_tokens, force_reserve_digit, drop_consecutive, chunk_end_tokens)
         elif use_token_level_filter and used:
             compressed = self._fine(
-                texts, span_lists, used, delta_of, question if contrast else "", context_target, iterative_size,
-                sum(lengths[i] for i in used),
+                fine_texts, span_lists, used, delta_of, question if contrast else "", context_target, iterative_size,
+                sum(fine_lengths[i] for i in used), granularity,
             )
         label = method if question_aware or method != "longllmlingua" else "llmlingua"
         result = self._assemble(contexts, texts, lengths, compressed, used, ranks, scores, instruction, question,
@@ -388,6 +421,16 @@ class CompressionEngine:
             for i, ws in words.items():
                 result.contexts[i].words = ws
         return result
+
+    def rank(self, context: Sequence[str], question: str = "", ranking: Ranking = "auto") -> list[Ranked]:
+        """Rank ``context`` as the coarse step would, best first (``Ranked.index`` points
+        into ``context``). Useful on its own as a re-ranker."""
+        texts = validate_contexts(context)
+        if ranking not in RANKINGS:
+            raise ValueError(f"ranking {ranking!r} must be one of {RANKINGS}")
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a string, got {type(question).__name__}")
+        return self._rank(texts, question.strip() and question, ranking) if texts else []
 
     def recover(self, original_prompt: str, compressed_prompt: str, response: str) -> str:
         """Map spans of an LLM ``response`` copied from ``compressed_prompt`` back to the
@@ -398,6 +441,58 @@ class CompressionEngine:
         return _recover(self.tokenizer, original_prompt, compressed_prompt, response)
 
     # ------------------------------------------------------------------ internals
+    def _rank(self, texts: list[str], question: str, ranking: Ranking) -> list[Ranked]:
+        """Coarse ranking, best first: the small LM's (question) perplexity, BM25, or both.
+
+        ``"hybrid"`` re-ranks BM25's best candidates with the LM (the others cannot
+        reach the top of the fusion anyway) and fuses the two rankings. Rankings are
+        memoised per (texts, question, method), so asking again at another rate is cheap.
+        """
+        key = (hashlib.sha1("\x00".join([question, ranking, *texts]).encode()).hexdigest(), len(texts))
+        with self._lazy:
+            hit = self._rankings.get(key)
+        if hit is not None:
+            return hit
+        if not question or ranking == "perplexity":
+            ranked = rank_contexts(self.scorer, texts, question, "after" if question else "none")
+        else:
+            lexical = bm25_scores(question, texts)
+            by_lexical = sorted(range(len(texts)), key=lambda i: -lexical[i])  # stable: ties keep input order
+            if ranking == "bm25":
+                ranked = [Ranked(i, lexical[i]) for i in by_lexical]
+            else:
+                shortlist = by_lexical[: max(RERANK_DEPTH, (len(texts) + 1) // 2)]
+                by_lm = [shortlist[r.index] for r in rank_contexts(self.scorer, [texts[i] for i in shortlist],
+                                                                   question, "after")]
+                ranked = fuse([by_lexical, by_lm], [LEXICAL_WEIGHT, 1.0])
+        with self._lazy:
+            self._rankings[key] = ranked
+            while len(self._rankings) > 64:
+                self._rankings.pop(next(iter(self._rankings)))
+        return ranked
+
+    def _evidence(self, question: str, texts: list[str], ranked: list[int], used: list[int], budget: float,
+                  force_ids: Sequence[int] | None) -> tuple[list[str], list[int], list[int]]:
+        """The evidence step: the selected documents' most relevant sentences to ``budget``
+        tokens, from a pool of the best-ranked documents (forced contexts stay whole).
+        Returns the texts and lengths the fine step works on, and the documents still used."""
+        forced = list(force_ids or [])
+        pool, pooled = [], 0
+        for i in ranked:  # a wider pool than whole-document selection took
+            if i in forced:
+                continue
+            pool.append(i)
+            pooled += self.count(texts[i])
+            if pooled >= 4 * budget and len(pool) >= 2:
+                break
+        chosen = select_evidence(question, texts, pool, budget - sum(self.count(texts[i]) for i in forced),
+                                 self.count)
+        fine_texts = list(texts)
+        for i, t in chosen.items():
+            fine_texts[i] = t
+        kept = forced + [i for i in ranked if i in chosen and i not in forced]
+        return fine_texts, [self.count(t) if i in chosen else 0 for i, t in enumerate(fine_texts)], kept
+
     def _token_classification(self, texts, used, classified, delta_of, context_target, total, force_tokens,
                               force_digits, drop_consecutive, chunk_end_tokens) -> tuple[dict[int, str], dict]:
         """LLMLingua-2's fine step: keep each kept context's most probable words, at the
@@ -423,11 +518,13 @@ class CompressionEngine:
         context_target: float,
         window: int,
         kept_target_tokens: int,
+        granularity: Granularity = "word",
     ) -> dict[int, str]:
-        """Token-level step (ITPC) over the kept contexts, then fit to the budget.
+        """Token-level step (ITPC) over the kept contexts, then fit to the budget in
+        whole units (words, or glyphs with ``granularity="token"``).
         ``kept_target_tokens``: target-LLM tokens of those contexts (already counted)."""
         pieces = ([prefix] if prefix else []) + [texts[i] for i in used]
-        layout = _Layout.build(self.tokenizer, pieces)
+        layout = _Layout.build(self.tokenizer, pieces, granularity=granularity)
         first_ctx = 1 if prefix else 0
         owner_ctx = [used[o - first_ctx] if o >= first_ctx else -1 for o in layout.owner]
         start = next((p for p, o in enumerate(layout.owner) if o >= first_ctx), len(layout.ids)) if prefix else 0
@@ -453,8 +550,8 @@ class CompressionEngine:
             self.scorer, layout.ids, plan, start=start, contrastive=bool(prefix), window=window,
             force_keep=torch.tensor(force),
         )
-        kept = set(result.kept.tolist())
-        kept = self._fit_budget(layout, owner_ctx, kept, result.scores, torch.tensor(force), context_target, used)
+        kept = self._fit_budget(layout, owner_ctx, set(result.kept.tolist()), result.scores, force, context_target,
+                                used)
         return self._decode(layout, owner_ctx, kept, used)
 
     def _span_rates(self, layout: _Layout, span_lists: list, used: list[int], first_ctx: int) -> list[float | None]:
@@ -479,44 +576,53 @@ class CompressionEngine:
                     rates[p] = rate if rates[p] is None else max(rates[p], rate)
         return rates
 
-    def _fit_budget(self, layout, owner_ctx, kept: set[int], scores: torch.Tensor, force: torch.Tensor,
-                    context_target: float, used: list[int]) -> set[int]:
-        """Nudge the kept set until the contexts' target-LLM tokens are within
-        ``RATE_TOLERANCE`` of the budget: drop the lowest-scored kept tokens or restore
-        the highest-scored dropped ones. A few rounds suffice: each round re-measures."""
-        ctx_positions = [p for p, o in enumerate(owner_ctx) if o >= 0]
-        if not ctx_positions or context_target <= 0:
-            return kept
+    def _fit_budget(self, layout: _Layout, owner_ctx: list[int], kept: set[int], scores: torch.Tensor,
+                    force: list[bool], context_target: float, used: list[int]) -> set[int]:
+        """Turn ITPC's kept tokens into kept units, then nudge them until the contexts'
+        target-LLM tokens are within ``RATE_TOLERANCE`` of the budget: drop the
+        lowest-scored kept units or restore the highest-scored dropped ones. A unit
+        scores as its best token (a word matters if any piece of it is informative).
+        A few rounds suffice: each round re-measures. Returns the kept unit numbers."""
+        members: dict[int, list[int]] = {}
+        for p, o in enumerate(owner_ctx):
+            if o >= 0:
+                members.setdefault(layout.unit[p], []).append(p)
+        values = scores.tolist()
+        score = {u: max((values[p] for p in ps if not math.isnan(values[p])), default=math.nan)
+                 for u, ps in members.items()}
+        forced = {u for u, ps in members.items() if any(force[p] for p in ps)}
+        kept_units = {layout.unit[p] for p in kept} | forced | {layout.unit[p] for p, o in enumerate(owner_ctx) if o < 0}
+        if not members or context_target <= 0:
+            return kept_units
         for _ in range(4):
-            texts = self._decode(layout, owner_ctx, kept, used)
+            texts = self._decode(layout, owner_ctx, kept_units, used)
             achieved = sum(self.count(t) for t in texts.values() if t)
             if achieved and abs(achieved - context_target) <= RATE_TOLERANCE * context_target:
                 break
-            kept_ctx = [p for p in ctx_positions if p in kept]
-            per = len(kept_ctx) / achieved if achieved else 1.0
-            change = int(round((context_target - achieved) * per))
+            kept_small = sum(len(ps) for u, ps in members.items() if u in kept_units)
+            per = kept_small / achieved if achieved else 1.0
+            change = (context_target - achieved) * per  # small-LM tokens to add (+) or remove (-)
             if change < 0:
-                pool = [p for p in kept_ctx if not force[p] and not math.isnan(scores[p])]
-                pool.sort(key=lambda p: float(scores[p]))
-                kept -= set(pool[: -change])
-            elif change > 0:
-                pool = [p for p in ctx_positions if p not in kept and not math.isnan(scores[p])]
-                if not pool:
-                    break
-                pool.sort(key=lambda p: -float(scores[p]))
-                kept |= set(pool[:change])
+                pool = sorted((u for u in members if u in kept_units and u not in forced and not math.isnan(score[u])),
+                              key=lambda u: score[u])
             else:
+                pool = sorted((u for u in members if u not in kept_units and not math.isnan(score[u])),
+                              key=lambda u: -score[u])
+            moved = 0
+            for u in pool:
+                if moved >= abs(change):
+                    break
+                (kept_units.discard if change < 0 else kept_units.add)(u)
+                moved += len(members[u])
+            if not moved:
                 break
-        return kept
+        return kept_units
 
-    def _decode(self, layout: _Layout, owner_ctx: list[int], kept: set[int], used: list[int]) -> dict[int, str]:
-        """Per-context text of the kept tokens. A character split over several byte
-        tokens is kept whole if any of its pieces is, so no glyph is cut in half."""
-        units = {layout.unit[p] for p in kept}
+    def _decode(self, layout: _Layout, owner_ctx: list[int], kept_units: set[int], used: list[int]) -> dict[int, str]:
+        """Per-context text of the tokens of the kept units."""
         by_ctx: dict[int, list[int]] = {i: [] for i in used}
-        for p in (q for q in range(len(layout.ids)) if layout.unit[q] in units):
-            o = owner_ctx[p]
-            if o >= 0:
+        for p, o in enumerate(owner_ctx):
+            if o >= 0 and layout.unit[p] in kept_units:
                 by_ctx[o].append(layout.ids[p])
         return {i: self.scorer.decode(ids).strip() for i, ids in by_ctx.items()}
 

@@ -63,12 +63,12 @@ class _Stream:
         p = first + self.shift
         self.v[p : p + len(loss)] = loss.to("cpu", torch.float32)[: max(0, len(self.v) - p)]
 
-    def score_all(self) -> None:
-        """One pass over the whole sequence (the first window's view of the future)."""
+    def score_all(self, limit: int | None = None) -> None:
+        """One pass over the sequence (the first ``limit`` positions, or all of them)."""
         window = self.scorer.loaded.max_positions
-        n = len(self.ids)
+        n = len(self.ids) if limit is None else min(limit, len(self.ids))
         for s in range(0, max(1, n - 1), window - 1):  # overlapping chunks for long inputs
-            loss, _ = self.scorer.surprisal(self.ids[s : s + window])
+            loss, _ = self.scorer.surprisal(self.ids[s : min(s + window, n)])
             self._write(s, loss)
         self.cache, self.offset, self.cached = None, 0, 0
 
@@ -145,9 +145,11 @@ def iterative_compress(
         if (reference and end > n) or (not reference and end - window >= n):
             break
         if idx == 0:
-            main.score_all()
+            # the reference's threshold needs every score up front; otherwise only the first
+            # window is judged from this pass (later windows are rescored on the compressed prefix)
+            main.score_all(None if reference else end + 1)
             if plain is not None:
-                plain.score_all()
+                plain.score_all(None if reference else end + 1 - start)
         else:
             main.refresh(end, keep=end - window)
             if plain is not None:

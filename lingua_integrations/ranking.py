@@ -55,3 +55,21 @@ def rank_contexts(
     scores = scorer.span_perplexities(items)
     order = sorted(range(len(contexts)), key=lambda i: scores[i])
     return [Ranked(i, scores[i]) for i in order]
+
+
+def fuse(rankings: Sequence[Sequence[int]], weights: Sequence[float], k: float = 10.0) -> list[Ranked]:
+    """Weighted reciprocal-rank fusion: ``score(d) = sum_j w_j / (k + rank_j(d))``.
+
+    Fuses rankings whose scores are on different scales (BM25 and perplexity) by rank
+    alone; ``k`` damps the difference between the first few places. Returns all items
+    of the first ranking, best first, with the fused score (higher is better).
+    """
+    if len(rankings) != len(weights):
+        raise ValueError("fuse() needs one weight per ranking")
+    fused: dict[int, float] = {i: 0.0 for i in rankings[0]}
+    for ranking, w in zip(rankings, weights):
+        for pos, i in enumerate(ranking):
+            fused[i] = fused.get(i, 0.0) + w / (k + pos)
+    first = {i: pos for pos, i in enumerate(rankings[0])}
+    order = sorted(fused, key=lambda i: (-fused[i], first.get(i, len(first))))
+    return [Ranked(i, fused[i]) for i in order]
