@@ -44,7 +44,10 @@ def test_postprocessor_keeps_node_identity(index, nq_rows):
         assert n.node.metadata == original_meta
         assert n.node.excluded_llm_metadata_keys == ["row"]
         assert n.node.relationships[NodeRelationship.SOURCE].node_id == n.node.node_id.replace("nq-", "doc-")
-        assert len(n.node.get_content()) < len(original_text)
+        assert len(n.node.get_content()) <= len(original_text)
+    # something was pruned (the best-ranked node may keep every word: LongLLMLingua's
+    # dynamic ratio gives it the gentlest rate)
+    assert any(len(n.node.get_content()) < len(before[n.node.node_id][0]) for n in out)
     # the retrieved (docstore) nodes were not mutated
     assert all(n.node.get_content() == before[n.node.node_id][0] for n in retrieved)
     total = sum(post.engine().count(t) for t, _ in before.values())

@@ -1,0 +1,79 @@
+"""Faithfulness as a property (hypothesis): over random text and options, compression
+only deletes, keeps every document in the accounting, and meets the budget.
+
+Text is drawn from real NQ words mixed with numbers, punctuation, line breaks, CJK,
+Arabic, emoji, combining marks and zero-width characters, so the properties are checked
+where tokenizers split characters into byte pieces."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import is_char_subsequence
+
+EXOTIC = ["中文", "東京都", "مرحبا", "שלום", "😀", "👩‍💻", "e\u0301", "a\u200bb", "\t", "1,250.5", "$3", "4 July 1776",
+          "https://example.org/a?b=1", "x_y-z", "(c)", "—", "?", "\n", "\n\n"]
+
+
+@st.composite
+def documents(draw, vocabulary: list[str]):
+    words = st.sampled_from(vocabulary) | st.sampled_from(EXOTIC) | st.integers(0, 99999).map(str)
+    n_docs = draw(st.integers(1, 4))
+    return [" ".join(draw(st.lists(words, min_size=0, max_size=60))) for _ in range(n_docs)]
+
+
+@pytest.fixture(scope="module")
+def vocabulary(nq_rows):
+    return sorted({w for r in nq_rows[:40] for w in r["text"].split()})
+
+
+def _is_word_subsequence(small: str, big: str) -> bool:
+    it = iter(big.split())
+    return all(w in it for w in small.split())
+
+
+def _check(result, docs, target_tokens, fixed_tokens):
+    # every input document is accounted for, in input order, kept or dropped
+    assert [c.index for c in result.contexts] == list(range(len(docs)))
+    assert sorted(result.kept_indices + result.dropped_indices) == list(range(len(docs)))
+    assert len(set(result.order)) == len(result.order)
+    for c in result.contexts:
+        assert c.kept == bool(c.text) == (c.index in result.order)
+        assert c.origin_tokens >= c.compressed_tokens
+    # the budget holds (within the engine's tolerance, plus separators on tiny inputs);
+    # the question is kept whole even when it alone exceeds the budget
+    assert result.compressed_tokens <= max(target_tokens * 1.15, fixed_tokens) + 4, (
+        result.compressed_tokens, target_tokens)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                    HealthCheck.too_slow])
+@given(data=st.data(), rate=st.floats(0.05, 1.0), method=st.sampled_from(["longllmlingua", "llmlingua"]),
+       granularity=st.sampled_from(["word", "token"]))
+def test_compression_only_deletes_and_meets_the_budget(engine, vocabulary, data, rate, method, granularity):
+    docs = data.draw(documents(vocabulary))
+    question = data.draw(st.sampled_from(["", "who built it in 1889?", "中文 是 什么"]))
+    result = engine.compress(docs, question=question, rate=rate, method=method, granularity=granularity)
+    _check(result, docs, result.target_tokens, engine.count(question))
+    for c in result.contexts:
+        if c.kept:
+            if granularity == "word":
+                assert _is_word_subsequence(c.text, docs[c.index]), (c.text, docs[c.index])
+            else:
+                assert is_char_subsequence(c.text, docs[c.index]), (c.text, docs[c.index])
+    if question:
+        assert result.compressed_prompt.endswith(question)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                    HealthCheck.too_slow])
+@given(data=st.data(), rate=st.floats(0.1, 1.0))
+def test_forced_spans_survive_whole(engine, vocabulary, data, rate):
+    """Text the caller exempts with ``compress=False`` comes out verbatim, at any rate."""
+    docs = data.draw(documents(vocabulary))
+    keep = data.draw(st.sampled_from(["Keep this sentence exactly: 42 km, 4 July 1776.", "保持 这个 句子。"]))
+    tagged = [f"<llmlingua, compress=False>{keep}</llmlingua>" + d for d in docs[:1]] + docs[1:]
+    result = engine.compress(tagged, rate=rate, method="llmlingua", structured=True, use_context_level_filter=False)
+    assert keep in result.contexts[0].text
