@@ -32,7 +32,7 @@ from .recovery import recover as _recover
 from .scoring import CausalScorer
 from .structured import parse_spans
 from .token_classification import TokenClassifier, prepare, select_words
-from .units import Granularity, token_units
+from .units import Granularity, salient_units, token_units
 from .tokens import DEFAULT_ENCODING, TokenCounter, TokenCounterLike
 
 Method = Literal["llmlingua", "longllmlingua", "llmlingua2"]
@@ -141,6 +141,7 @@ class _Layout:
     piece_chars: list[tuple[int, int]]
     offsets: list[tuple[int, int]]  # character span of each token in the joined text
     unit: list[int]  # tokens deleted together (one word, or the byte pieces of one glyph) share a unit
+    text: str = ""  # the joined text
 
     @classmethod
     def build(cls, tokenizer, pieces: Sequence[str], sep: str = SEPARATOR,
@@ -163,7 +164,7 @@ class _Layout:
             while i < len(spans) and spans[i][1] <= s and not (s == e == spans[i][0]):
                 i += 1
             owner.append(i if i < len(spans) and s < spans[i][1] and e > spans[i][0] else -1)
-        return cls(list(enc.input_ids), owner, spans, offsets, token_units(text, offsets, granularity))
+        return cls(list(enc.input_ids), owner, spans, offsets, token_units(text, offsets, granularity), text)
 
 
 class CompressionEngine:
@@ -299,6 +300,7 @@ class CompressionEngine:
         ranking: Ranking = "auto",
         granularity: Granularity = "word",
         evidence: bool | None = None,
+        keep_names_and_numbers: bool = True,
     ) -> CompressionResult:
         """Compress ``context`` to ``rate`` of the prompt's target-LLM tokens (or to
         ``target_token`` tokens), keeping ``instruction`` and ``question`` whole.
@@ -320,6 +322,9 @@ class CompressionEngine:
         * ``evidence``: with a question and a budget too tight for whole documents,
           keep the documents' most question-relevant sentences before pruning tokens
           (``None``: when needed; ``False``: never).
+        * ``keep_names_and_numbers``: words with a digit or a capital letter (names,
+          numbers, dates, codes: what a reader copies) are the last a window gives up,
+          within its budget. ``False`` ranks them by the LM's scores alone.
         """
         contexts = validate_contexts(context)
         validate_budget(rate, target_token)
@@ -412,7 +417,7 @@ class CompressionEngine:
         elif use_token_level_filter and used:
             compressed = self._fine(
                 fine_texts, span_lists, used, delta_of, question if contrast else "", context_target, iterative_size,
-                sum(fine_lengths[i] for i in used), granularity,
+                sum(fine_lengths[i] for i in used), granularity, keep_names_and_numbers,
             )
         label = method if question_aware or method != "longllmlingua" else "llmlingua"
         result = self._assemble(contexts, texts, lengths, compressed, used, ranks, scores, instruction, question,
@@ -519,6 +524,7 @@ class CompressionEngine:
         window: int,
         kept_target_tokens: int,
         granularity: Granularity = "word",
+        protect_salient: bool = True,
     ) -> dict[int, str]:
         """Token-level step (ITPC) over the kept contexts, then fit to the budget in
         whole units (words, or glyphs with ``granularity="token"``).
@@ -546,12 +552,14 @@ class CompressionEngine:
             token_rates.append(r)
             force.append(r >= 1.0)
         plan = bc.exact_plan(token_rates[start:], window)
+        salient = salient_units(layout.text, layout.offsets, layout.unit) if protect_salient else set()
+        priority = [layout.unit[p] in salient and owner_ctx[p] >= 0 for p in range(len(layout.ids))]
         result = iterative_compress(
             self.scorer, layout.ids, plan, start=start, contrastive=bool(prefix), window=window,
-            force_keep=torch.tensor(force),
+            force_keep=torch.tensor(force), priority=torch.tensor(priority, dtype=torch.bool),
         )
         kept = self._fit_budget(layout, owner_ctx, set(result.kept.tolist()), result.scores, force, context_target,
-                                used)
+                                used, salient)
         return self._decode(layout, owner_ctx, kept, used)
 
     def _span_rates(self, layout: _Layout, span_lists: list, used: list[int], first_ctx: int) -> list[float | None]:
@@ -577,7 +585,8 @@ class CompressionEngine:
         return rates
 
     def _fit_budget(self, layout: _Layout, owner_ctx: list[int], kept: set[int], scores: torch.Tensor,
-                    force: list[bool], context_target: float, used: list[int]) -> set[int]:
+                    force: list[bool], context_target: float, used: list[int], salient: set[int] = frozenset()
+                    ) -> set[int]:
         """Turn ITPC's kept tokens into kept units, then nudge them until the contexts'
         target-LLM tokens are within ``RATE_TOLERANCE`` of the budget: drop the
         lowest-scored kept units or restore the highest-scored dropped ones. A unit
@@ -589,7 +598,7 @@ class CompressionEngine:
                 members.setdefault(layout.unit[p], []).append(p)
         values = scores.tolist()
         score = {u: max((values[p] for p in ps if not math.isnan(values[p])), default=math.nan)
-                 for u, ps in members.items()}
+                 + (1e6 if u in salient else 0.0) for u, ps in members.items()}
         forced = {u for u, ps in members.items() if any(force[p] for p in ps)}
         kept_units = {layout.unit[p] for p in kept} | forced | {layout.unit[p] for p, o in enumerate(owner_ctx) if o < 0}
         if not members or context_target <= 0:

@@ -120,12 +120,14 @@ def iterative_compress(
     reference: bool = False,
     window: int = 200,
     force_keep: torch.Tensor | None = None,
+    priority: torch.Tensor | None = None,
 ) -> ITPCResult:
     """Compress ``ids`` window by window following ``plan``.
 
     ``ids[:start]`` is a conditioning prefix (the question, for LongLLMLingua) that is
     never dropped; with ``contrastive`` the scores contrast the sequence with and without
-    that prefix. ``force_keep`` marks positions that must survive (separators, spans the
+    that prefix. ``priority`` (default mode only) marks positions kept before any other
+    of their window, budget permitting (names and numbers). ``force_keep`` marks positions that must survive (separators, spans the
     caller exempted).
     """
     if window < 2:
@@ -137,6 +139,7 @@ def iterative_compress(
     plain = _Stream(scorer, ids_t[start:], shift) if contrastive else None
     origin = torch.arange(n0)
     forced = force_keep.clone().bool() if force_keep is not None else torch.zeros(n0, dtype=torch.bool)
+    preferred = priority.clone().bool() if priority is not None else torch.zeros(n0, dtype=torch.bool)
     judged = torch.full((n0,), math.nan)
 
     end = min(window + start, n0) if reference else window + start
@@ -177,7 +180,9 @@ def iterative_compress(
                 drop = torch.zeros(n, dtype=torch.bool)
                 if k > 0 and m:
                     cand_pos = candidates.nonzero().squeeze(1)
-                    lowest = scores[cand_pos].argsort()[: min(k, m)]
+                    # preferred positions sort after every other candidate: dropped last
+                    key = scores[cand_pos] + preferred[cand_pos].float() * 1e6
+                    lowest = key.argsort()[: min(k, m)]
                     drop[cand_pos[lowest]] = True
             drop &= ~forced
             judged[origin[region]] = scores[region]
@@ -186,6 +191,6 @@ def iterative_compress(
             main.keep(keep)
             if plain is not None:
                 plain.keep(keep[start:])
-            origin, forced = origin[keep], forced[keep]
+            origin, forced, preferred = origin[keep], forced[keep], preferred[keep]
             end = piece_end - removed_before_end + window
     return ITPCResult(kept=origin, scores=judged)

@@ -74,3 +74,21 @@ def token_units(text: str, offsets: Sequence[tuple[int, int]], granularity: Gran
         units.append(current)
         last_end = max(last_end, e)
     return units
+
+
+def salient_units(text: str, offsets: Sequence[tuple[int, int]], units: Sequence[int]) -> set[int]:
+    """Units that look like what a reader must copy: a word with a digit, or with a
+    capital letter that is not just a capitalised function word ("The", "In")."""
+    from .lexical import STOPWORDS
+
+    spelled: dict[int, str] = {}
+    for (s, e), u in zip(offsets, units):
+        spelled[u] = spelled.get(u, "") + text[s:e]
+    salient = set()
+    for u, word in spelled.items():
+        word = word.strip()
+        if any(ch.isdigit() for ch in word):
+            salient.add(u)
+        elif any(ch.isupper() for ch in word) and word.strip(".,;:!?()\"'").lower() not in STOPWORDS:
+            salient.add(u)
+    return salient

@@ -24,6 +24,7 @@ usage: python -m lingua_integrations.evaluation.quality [--cases 20] [--seed 1] 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import re
@@ -320,14 +321,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = CompressionEngine.shared(args.model, device=args.device, dtype="float32")
     reference: Callable[[list[dict]], list[dict]] | None = None
     if any(m.startswith("reference") for m in methods):
-        from ..models import materialize_embedded
+        from ..models import cache_dir, materialize_embedded
         from .reference import run_reference
 
         model_dir = materialize_embedded(args.model) if args.model == "smollm2-135m" else args.model
         env = Path(args.reference_env) if args.reference_env else None
 
+        store = cache_dir() / "reference-results"
+
         def run_ref(requests: list[dict]) -> list[dict]:
-            return run_reference(requests, model_dir, device=args.device, env_dir=env, timeout=6 * 3600)
+            """The reference's results, cached on disk by request (the reference is
+            deterministic on CPU: same inputs, model files and version, same output)."""
+            keys = [hashlib.sha1(json.dumps([str(model_dir), args.device, r], sort_keys=True).encode()).hexdigest()
+                    for r in requests]
+            todo = [i for i, k in enumerate(keys) if not (store / f"{k}.json").is_file()]
+            if todo:
+                fresh = run_reference([requests[i] for i in todo], model_dir, device=args.device, env_dir=env,
+                                      timeout=6 * 3600)
+                store.mkdir(parents=True, exist_ok=True)
+                for i, res in zip(todo, fresh):
+                    (store / f"{keys[i]}.json").write_text(json.dumps(res))
+            return [json.loads((store / f"{k}.json").read_text()) for k in keys]
 
         reference = run_ref
 
