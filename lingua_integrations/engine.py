@@ -547,10 +547,12 @@ class CompressionEngine:
                 force.append(True)
                 continue
             r = char_rates[p]
+            # only the caller's compress=False spans are untouchable; a document whose
+            # dynamic rate reaches 1.0 is still trimmed if the budget demands it
+            force.append(r is not None and r >= 1.0)
             if r is None:
                 r = bc.clamp_rate(tau, delta_of.get(o, 0.0))
             token_rates.append(r)
-            force.append(r >= 1.0)
         plan = bc.exact_plan(token_rates[start:], window)
         salient = salient_units(layout.text, layout.offsets, layout.unit) if protect_salient else set()
         priority = [layout.unit[p] in salient and owner_ctx[p] >= 0 for p in range(len(layout.ids))]
@@ -591,7 +593,7 @@ class CompressionEngine:
         target-LLM tokens are within ``RATE_TOLERANCE`` of the budget: drop the
         lowest-scored kept units or restore the highest-scored dropped ones. A unit
         scores as its best token (a word matters if any piece of it is informative).
-        A few rounds suffice: each round re-measures. Returns the kept unit numbers."""
+        A few rounds suffice (at most 8): each round re-measures. Returns the kept unit numbers."""
         members: dict[int, list[int]] = {}
         for p, o in enumerate(owner_ctx):
             if o >= 0:
@@ -603,7 +605,7 @@ class CompressionEngine:
         kept_units = {layout.unit[p] for p in kept} | forced | {layout.unit[p] for p, o in enumerate(owner_ctx) if o < 0}
         if not members or context_target <= 0:
             return kept_units
-        for _ in range(4):
+        for _ in range(8):
             texts = self._decode(layout, owner_ctx, kept_units, used)
             achieved = sum(self.count(t) for t in texts.values() if t)
             if achieved and abs(achieved - context_target) <= RATE_TOLERANCE * context_target:

@@ -310,6 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference llmlingua 0.2.2 columns")
     ap.add_argument("--reference-env", default=None, help="folder of tools/reference/setup.sh (default .cache/reference-env)")
+    ap.add_argument("--reference-from", default=None,
+                    help="take the reference columns from an earlier run's --json (same cases, seed and rates) "
+                         "instead of running the reference again")
     ap.add_argument("--out", default=None, help="write the tables (markdown) here, the plot beside it")
     ap.add_argument("--json", default=None, help="write every sample and the summary here")
     args = ap.parse_args(argv)
@@ -355,6 +358,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         gsm_methods = [m for m in GSM8K_METHODS if not (args.no_reference and m.startswith("reference"))]
         samples += run_gsm8k(prompts, rates, gsm_methods, engine, reference, seed=args.seed)
         log("gsm8k done")
+    if args.reference_from:
+        earlier = json.loads(Path(args.reference_from).read_text())
+        ref = [Sample(**x) for x in earlier["samples"] if x["method"].startswith("reference") and x["rate"] in rates
+               and x["case"] < (args.cases if x["task"] == "nq" else args.gsm8k_prompts)]
+        if not ref:
+            raise SystemExit(f"{args.reference_from} has no reference samples for these cases and rates")
+        log(f"reference columns from {args.reference_from} ({earlier['command']})")
+        samples += ref
     summary = summarize(samples)
     table = markdown(summary)
     print(table)
