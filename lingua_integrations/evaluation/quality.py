@@ -283,6 +283,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     ax.set_xscale("log")
     ax.set_xticks(sorted({r["rate"] for r in nq}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("asked rate (share of tokens kept)")
     ax.set_ylabel("gold answer kept")
     ax.set_title("NaturalQuestions, 20 documents, SmolLM2-135M")
