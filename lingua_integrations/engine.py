@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import math
 import threading
 from dataclasses import asdict, dataclass
@@ -206,7 +207,7 @@ class CompressionEngine:
         self._scorer: CausalScorer | None = None
         self._classifier: TokenClassifier | None = None
         self._lazy = threading.Lock()
-        self._rankings: dict[tuple, list[Ranked]] = {}  # recent coarse rankings (insertion-ordered)
+        self._rankings: dict[str, list[Ranked]] = {}  # recent coarse rankings (insertion-ordered)
         if llmlingua2_model is None:
             self.scorer  # noqa: B018 - load now: the causal LM is what this engine is for
 
@@ -398,7 +399,7 @@ class CompressionEngine:
             if (question_aware and not token_classification and evidence is not False and use_token_level_filter
                     and not structured and context_target > 0
                     and (evidence or context_target < EVIDENCE_RATE * sum(lengths[i] for i in used))):
-                fine_texts, fine_lengths, used = self._evidence(question, texts, order_ranked, used,
+                fine_texts, fine_lengths, used = self._evidence(question, texts, order_ranked,
                                                                 context_target / EVIDENCE_RATE, force_context_ids)
             used_rank_order = list(used)
             used = bc.reorder(used, reorder_how)
@@ -453,7 +454,8 @@ class CompressionEngine:
         reach the top of the fusion anyway) and fuses the two rankings. Rankings are
         memoised per (texts, question, method), so asking again at another rate is cheap.
         """
-        key = (hashlib.sha1("\x00".join([question, ranking, *texts]).encode()).hexdigest(), len(texts))
+        # JSON keeps item boundaries: texts that merely concatenate alike cannot collide
+        key = hashlib.sha1(json.dumps([question, ranking, list(texts)]).encode()).hexdigest()
         with self._lazy:
             hit = self._rankings.get(key)
         if hit is not None:
@@ -476,10 +478,11 @@ class CompressionEngine:
                 self._rankings.pop(next(iter(self._rankings)))
         return ranked
 
-    def _evidence(self, question: str, texts: list[str], ranked: list[int], used: list[int], budget: float,
+    def _evidence(self, question: str, texts: list[str], ranked: list[int], budget: float,
                   force_ids: Sequence[int] | None) -> tuple[list[str], list[int], list[int]]:
-        """The evidence step: the selected documents' most relevant sentences to ``budget``
-        tokens, from a pool of the best-ranked documents (forced contexts stay whole).
+        """The evidence step: the most question-relevant sentences to ``budget`` tokens,
+        from a pool of the best-ranked documents wider than whole-document selection
+        would keep (forced contexts stay whole).
         Returns the texts and lengths the fine step works on, and the documents still used."""
         forced = list(force_ids or [])
         pool, pooled = [], 0
@@ -496,7 +499,7 @@ class CompressionEngine:
         for i, t in chosen.items():
             fine_texts[i] = t
         kept = forced + [i for i in ranked if i in chosen and i not in forced]
-        return fine_texts, [self.count(t) if i in chosen else 0 for i, t in enumerate(fine_texts)], kept
+        return fine_texts, [self.count(t) if i in chosen or i in forced else 0 for i, t in enumerate(fine_texts)], kept
 
     def _token_classification(self, texts, used, classified, delta_of, context_target, total, force_tokens,
                               force_digits, drop_consecutive, chunk_end_tokens) -> tuple[dict[int, str], dict]:

@@ -126,3 +126,15 @@ def test_quality_harness_runs_every_method_family(engine, nq_rows, tmp_path):
     assert all(0.0 <= s.numbers_kept <= 1.0 for s in gsm)
     table = markdown(summarize(samples + gsm))
     assert "| ours default |" in table and "GSM8K" in table and re.search(r"rate 0\.33", table)
+
+
+def test_evidence_keeps_forced_documents(engine, nq_cases):
+    """A document the caller forces survives the evidence step (whole before pruning)."""
+    from lingua_integrations.evaluation.quality import format_documents
+
+    case = nq_cases[1]
+    docs = format_documents(case)
+    worst = engine.rank(docs, case.question)[-1].index
+    res = engine.compress(docs, question=case.question, rate=0.05, force_context_ids=[worst])
+    assert res.contexts[worst].kept and worst in res.order
+    assert res.rate <= 0.05 * 1.15 or res.contexts[worst].compressed_tokens > 0.05 * res.origin_tokens
