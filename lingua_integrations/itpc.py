@@ -65,11 +65,8 @@ class _Stream:
 
     def score_all(self, limit: int | None = None) -> None:
         """One pass over the sequence (the first ``limit`` positions, or all of them)."""
-        window = self.scorer.loaded.max_positions
         n = len(self.ids) if limit is None else min(limit, len(self.ids))
-        for s in range(0, max(1, n - 1), window - 1):  # overlapping chunks for long inputs
-            loss, _ = self.scorer.surprisal(self.ids[s : min(s + window, n)])
-            self._write(s, loss)
+        self._write(0, self.scorer.sequence_surprisal(self.ids[:n]))
         self.cache, self.offset, self.cached = None, 0, 0
 
     def refresh(self, end: int, keep: int) -> None:

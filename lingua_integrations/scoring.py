@@ -57,6 +57,16 @@ class CausalScorer:
         loss = F.cross_entropy(logits, labels, reduction="none")
         return loss, out.past_key_values
 
+    def sequence_surprisal(self, ids: torch.Tensor) -> torch.Tensor:
+        """Surprisal of tokens ``1 .. len(ids)-1`` of a sequence of any length: windows of
+        the model's length that overlap by one token, so every token is scored once."""
+        window = self.loaded.max_positions
+        out = []
+        for s in range(0, max(1, len(ids) - 1), window - 1):
+            loss, _ = self.surprisal(ids[s : s + window])
+            out.append(loss.to("cpu", torch.float32))
+        return torch.cat(out) if out else torch.zeros(0)
+
     @torch.inference_mode()
     def span_perplexities(self, items: Sequence[tuple[list[int], int]]) -> list[float]:
         """Mean surprisal of ``ids[cond:]`` given ``ids[:cond]`` for each ``(ids, cond)``.

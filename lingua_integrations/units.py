@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from typing import Literal, Sequence
 
+from .lexical import STOPWORDS
+
 Granularity = Literal["word", "token"]
 
 _MONTH = (r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|"
@@ -79,8 +81,6 @@ def token_units(text: str, offsets: Sequence[tuple[int, int]], granularity: Gran
 def salient_units(text: str, offsets: Sequence[tuple[int, int]], units: Sequence[int]) -> set[int]:
     """Units that look like what a reader must copy: a word with a digit, or with a
     capital letter that is not just a capitalised function word ("The", "In")."""
-    from .lexical import STOPWORDS
-
     spelled: dict[int, str] = {}
     for (s, e), u in zip(offsets, units):
         spelled[u] = spelled.get(u, "") + text[s:e]

@@ -68,10 +68,8 @@ class SelectiveContext:
             enc = self.scorer.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             ids = torch.tensor(enc.input_ids, dtype=torch.long)
             info = torch.zeros(len(ids))
-            window = self.scorer.loaded.max_positions
-            for s in range(0, max(1, len(ids) - 1), window - 1):  # overlapping chunks for long texts
-                loss, _ = self.scorer.surprisal(ids[s : s + window])
-                info[s + 1 : s + 1 + len(loss)] = loss.cpu()
+            loss = self.scorer.sequence_surprisal(ids)
+            info[1 : 1 + len(loss)] = loss
             offsets = [tuple(o) for o in enc.offset_mapping]
             units = token_units(text, offsets, "word")
             unit_info: dict[int, float] = {}
