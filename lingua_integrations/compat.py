@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import budget as bc
-from .engine import SEPARATOR, CompressionEngine, _Layout, validate_contexts
+from .engine import SEPARATOR, CompressionEngine, _Layout, serving_session, validate_contexts
 from .itpc import iterative_compress
 from .models import DEFAULT_MODEL
 from .ranking import rank_contexts
@@ -165,6 +165,7 @@ class PromptCompressor:
             rate = target_token / total if total else 1.0
         return self.compress_prompt(texts, instruction, question, rate, target_token, _spans=spans, **kwargs)
 
+    @serving_session
     def compress_prompt(
         self,
         context: str | Sequence[str],
@@ -226,6 +227,7 @@ class PromptCompressor:
         condition = condition_in_question.replace("_condition", "")
 
         origin_tokens = self.oai_count(SEPARATOR.join([instruction] + contexts + [question]).strip())
+        self.engine.check_input_size(origin_tokens)
         lengths = [self.get_token_length(c) for c in contexts]
         fixed_instruction, fixed_question = self.get_token_length(instruction), self.get_token_length(question)
         if target_token == -1:
@@ -295,6 +297,7 @@ class PromptCompressor:
             raise ValueError(f"rate must be in (0, 1], got {rate!r}")
         count = self.oai_count
         origin = sum(count(c) for c in contexts)
+        self.engine.check_input_size(origin)
         docs = self.engine.classifier.classify(contexts, chunk_end_tokens)
         prepare(docs, force_tokens, force_reserve_digit)
         keep = list(range(len(contexts)))

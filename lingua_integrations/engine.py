@@ -13,6 +13,8 @@ included, lives in :mod:`.compat`.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -47,8 +49,24 @@ LEXICAL_WEIGHT = 2.0
 # evidence step keeps sentences instead, and the fine step prunes them at this rate
 EVIDENCE_RATE = 0.8
 RERANK_DEPTH = 8  # hybrid ranking: the LM re-ranks at least this many of BM25's best
+RERANK_MAX = 64  # ... and at most this many (BM25's best half of 5,000 documents is no shortlist)
+# above this many target-LLM tokens a call is refused (the small LM reads every kept token:
+# ~450 tokens/s on 2 CPU cores); engines take max_input_tokens= to change it
+MAX_INPUT_TOKENS = 262_144
 SEPARATOR = "\n\n"
 RATE_TOLERANCE = 0.05  # the budget fit stops within +-5% of the target
+
+
+def serving_session(method):
+    """Run an engine call (or a wrapper's call, through its ``engine``) inside the model's
+    serving session, so concurrent calls' device work is batched together."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args: Any, **kwargs: Any):
+        with getattr(self, "engine", self).session():
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -182,6 +200,9 @@ class CompressionEngine:
         token_counter: how target-LLM tokens are counted: a tiktoken encoding name
             (default ``"cl100k_base"``) or a callable ``text -> int``.
         batch_size: contexts scored together when ranking.
+        max_input_tokens: calls with a longer prompt (target-LLM tokens) are refused with
+            a ``ValueError`` before any model work, instead of keeping a service busy for
+            minutes (a 2 MB document is ~500k tokens); ``None`` lifts the limit.
         model_options: ``trust_remote_code``, ``allow_pickle`` and other
             ``from_pretrained`` keyword arguments.
     """
@@ -197,12 +218,14 @@ class CompressionEngine:
         token_counter: TokenCounterLike = None,
         batch_size: int = 8,
         llmlingua2_model: str | None = None,
+        max_input_tokens: int | None = MAX_INPUT_TOKENS,
         **model_options: Any,
     ) -> None:
         self.model_name = model
         self.llmlingua2_model = llmlingua2_model
         self.count = TokenCounter(token_counter)
         self.batch_size = batch_size
+        self.max_input_tokens = max_input_tokens
         self._device, self._dtype, self._options = resolve_device(device), dtype, model_options
         self._scorer: CausalScorer | None = None
         self._classifier: TokenClassifier | None = None
@@ -272,7 +295,21 @@ class CompressionEngine:
     def tokenizer(self):
         return self.loaded.tokenizer
 
+    def check_input_size(self, tokens: int) -> None:
+        """Refuse a prompt above ``max_input_tokens`` with a message that says what to do."""
+        if self.max_input_tokens is not None and tokens > self.max_input_tokens:
+            raise ValueError(
+                f"the prompt is {tokens:,} tokens, above this engine's max_input_tokens={self.max_input_tokens:,}: "
+                "retrieve fewer or shorter documents (or split one huge document into passages and rank them "
+                "first), or create the engine with a larger max_input_tokens (None: no limit) if the wait is fine")
+
+    def session(self):
+        """Context manager marking a call in progress (see :mod:`.serving`)."""
+        scorer = self._scorer
+        return scorer.session() if scorer is not None else contextlib.nullcontext()
+
     # ------------------------------------------------------------------ public API
+    @serving_session
     def compress(
         self,
         context: str | Sequence[str],
@@ -362,7 +399,9 @@ class CompressionEngine:
         texts = ["".join(s.text for s in spans) if spans is not None else c for c, spans in zip(contexts, span_lists)]
 
         origin = self.count(SEPARATOR.join([instruction] + texts + [question]).strip())
-        lengths = [self.count(t) for t in texts]
+        self.check_input_size(origin)
+
+        lengths = self.count.many(texts)
         fixed = self.count(instruction) + self.count(question)
         target = float(target_token) if target_token not in (None, -1) else rate * origin
         context_target = max(0.0, target - fixed)
@@ -468,7 +507,7 @@ class CompressionEngine:
             if ranking == "bm25":
                 ranked = [Ranked(i, lexical[i]) for i in by_lexical]
             else:
-                shortlist = by_lexical[: max(RERANK_DEPTH, (len(texts) + 1) // 2)]
+                shortlist = by_lexical[: min(RERANK_MAX, max(RERANK_DEPTH, (len(texts) + 1) // 2))]
                 by_lm = [shortlist[r.index] for r in rank_contexts(self.scorer, [texts[i] for i in shortlist],
                                                                    question, "after")]
                 ranked = fuse([by_lexical, by_lm], [LEXICAL_WEIGHT, 1.0])

@@ -63,22 +63,26 @@ class _Stream:
         p = first + self.shift
         self.v[p : p + len(loss)] = loss.to("cpu", torch.float32)[: max(0, len(self.v) - p)]
 
-    def score_all(self, limit: int | None = None) -> None:
-        """One pass over the sequence (the first ``limit`` positions, or all of them)."""
-        n = len(self.ids) if limit is None else min(limit, len(self.ids))
-        self._write(0, self.scorer.sequence_surprisal(self.ids[:n]))
-        self.cache, self.offset, self.cached = None, 0, 0
-
-    def refresh(self, end: int, keep: int) -> None:
-        """Recompute scores of positions up to ``end`` reusing the cache, then keep the
-        cache only for positions before ``keep`` (those will not change)."""
+    def view(self, end: int, keep: int) -> tuple[int, torch.Tensor] | None:
+        """What to score so that positions up to ``end`` have scores: ``(first, ids)``,
+        or None when nothing new is needed. Slides the model's view forward when the
+        sequence outgrows its window."""
         end = min(end, len(self.ids))
         limit = self.scorer.loaded.max_positions
         if end - self.offset > limit:  # slide: drop the oldest half of the view
             self.offset = max(0, min(keep, end - limit // 2))
             self.cache, self.cached = None, 0
         view = self.ids[self.offset : end]
-        if len(view) - self.cached >= 2:
+        if len(view) - self.cached < 2:
+            return None
+        return self.offset, view
+
+    def refresh(self, end: int, keep: int) -> None:
+        """Recompute scores of positions up to ``end`` reusing the cache, then keep the
+        cache only for positions before ``keep`` (those will not change)."""
+        todo = self.view(end, keep)
+        if todo is not None:
+            _, view = todo
             loss, self.cache = self.scorer.surprisal(view, self.cache, self.cached)
             self._write(self.offset + self.cached, loss)
             self.cached = len(view)
@@ -88,6 +92,39 @@ class _Stream:
     def keep(self, mask: torch.Tensor) -> None:
         self.ids = self.ids[mask]
         self.v = self.v[mask]
+
+
+def _score_from_scratch(scorer: CausalScorer, todo: list[tuple[_Stream, torch.Tensor]]) -> None:
+    """Score each stream's view afresh, all views in one batch (no KV cache)."""
+    todo = [(st, ids) for st, ids in todo if len(ids) >= 2]
+    for (st, _), loss in zip(todo, scorer.sequences_surprisal([ids for _, ids in todo])):
+        st._write(st.offset, loss)
+
+
+def _score_first(streams: list[tuple[_Stream, int | None]]) -> None:
+    """The first pass: each stream's first ``limit`` positions (all when None), in one batch."""
+    todo = []
+    for st, limit in streams:
+        st.cache, st.offset, st.cached = None, 0, 0
+        n = len(st.ids) if limit is None else min(limit, len(st.ids))
+        todo.append((st, st.ids[:n]))
+    _score_from_scratch(streams[0][0].scorer, todo)
+
+
+def _score_upto(streams: list[tuple[_Stream, int, int]]) -> None:
+    """Scores up to ``end`` for each ``(stream, end, keep)``: with the KV cache, stream by
+    stream; without it, every stream's whole view in one batch."""
+    scorer = streams[0][0].scorer
+    if scorer.kv_cache:
+        for st, end, keep in streams:
+            st.refresh(end, keep)
+        return
+    todo = []
+    for st, end, keep in streams:
+        view = st.view(end, keep)
+        if view is not None:
+            todo.append((st, view[1]))
+    _score_from_scratch(scorer, todo)
 
 
 @dataclass
@@ -147,13 +184,11 @@ def iterative_compress(
         if idx == 0:
             # the reference's threshold needs every score up front; otherwise only the first
             # window is judged from this pass (later windows are rescored on the compressed prefix)
-            main.score_all(None if reference else end + 1)
-            if plain is not None:
-                plain.score_all(None if reference else end + 1 - start)
+            _score_first([(main, None if reference else end + 1)]
+                         + ([(plain, None if reference else end + 1 - start)] if plain is not None else []))
         else:
-            main.refresh(end, keep=end - window)
-            if plain is not None:
-                plain.refresh(end - start, keep=end - window - start)
+            _score_upto([(main, end, end - window)]
+                        + ([(plain, end - start, end - window - start)] if plain is not None else []))
         for delta, ratio in pieces:
             n = len(main.ids)
             if plain is not None:

@@ -197,6 +197,23 @@ class LoadedModel:
     device: str
     dtype: torch.dtype
     lock: threading.RLock = field(default_factory=threading.RLock)
+    _queue: Any = field(default=None, repr=False)
+
+    def scoring_queue(self):
+        """The model's :class:`~.serving.ScoringQueue` (one per loaded model, so every engine
+        and thread that shares the model shares its device batches)."""
+        with self.lock:
+            if self._queue is None:
+                from .runner import SurprisalRunner
+                from .serving import ScoringQueue
+
+                pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+                small = sum(p.numel() for p in self.model.parameters()) <= 1e9
+                # CUDA graphs pay off where kernel launches dominate (small models); a big model's
+                # graphs would pin many GiB of activations per captured shape for little gain
+                self._queue = ScoringQueue(SurprisalRunner(self.model, self.lock, pad_id=pad, graphs=small and "auto",
+                                                           max_positions=self.max_positions))
+            return self._queue
 
     @property
     def max_positions(self) -> int:
@@ -288,6 +305,21 @@ class ModelRegistry:
     def get_token_classifier(cls, model: str, device: str | None = "auto",
                              dtype: str | torch.dtype | None = "auto", **options: Any) -> LoadedModel:
         return cls._get("token-classification", load_token_classifier, model, device, dtype, options)
+
+    @classmethod
+    def register(cls, name: str, model: Any, tokenizer: Any, kind: str = "causal", **options: Any) -> LoadedModel:
+        """Serve an already built model under ``name`` (for a model you constructed or
+        quantised yourself): engines created with ``model=name`` on its device and dtype use it."""
+        if kind not in ("causal", "token-classification"):
+            raise ValueError("kind must be 'causal' or 'token-classification'")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("the tokenizer must be a fast tokenizer (we need its offsets)")
+        param = next(model.parameters())
+        dev = "cuda" if param.device.type == "cuda" and param.device.index in (None, 0) else str(param.device)
+        loaded = LoadedModel(name=name, path=name, model=model.eval(), tokenizer=tokenizer, device=dev, dtype=param.dtype)
+        with cls._guard:
+            cls._models[(kind, name, dev, param.dtype, options_key(options))] = loaded
+        return loaded
 
     @classmethod
     def loaded(cls) -> list[tuple]:

@@ -39,19 +39,19 @@ def rank_contexts(
     ties keep the caller's order.
     """
     if condition == "none" or not question:
-        items = [(scorer.encode(c, special=True), 1) for c in contexts]
+        items = [(ids, 1) for ids in scorer.encode_many(contexts, special=True)]
         scores = scorer.span_perplexities(items)
         order = sorted(range(len(contexts)), key=lambda i: -scores[i])
         return [Ranked(i, scores[i]) for i in order]
     query = question + RESTRICTIVE_STATEMENT
-    items = []
-    for c in contexts:
-        if condition == "after":
-            items.append((scorer.encode(c + query, special=True), scorer.count(c, special=True)))
-        elif condition == "before":
-            items.append((scorer.encode(query + c, special=True), scorer.count(query, special=True)))
-        else:
-            raise ValueError(f"condition_in_question {condition!r} is not one of 'none', 'before', 'after'")
+    if condition == "after":
+        joined = scorer.encode_many([c + query for c in contexts], special=True)
+        items = list(zip(joined, [len(ids) for ids in scorer.encode_many(contexts, special=True)]))
+    elif condition == "before":
+        n = scorer.count(query, special=True)
+        items = [(ids, n) for ids in scorer.encode_many([query + c for c in contexts], special=True)]
+    else:
+        raise ValueError(f"condition_in_question {condition!r} is not one of 'none', 'before', 'after'")
     scores = scorer.span_perplexities(items)
     order = sorted(range(len(contexts)), key=lambda i: scores[i])
     return [Ranked(i, scores[i]) for i in order]

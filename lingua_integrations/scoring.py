@@ -8,6 +8,7 @@ what precedes it (perplexity ranking), batched over many texts.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import torch
@@ -17,18 +18,39 @@ from .models import LoadedModel
 
 
 class CausalScorer:
-    """Surprisal computations on one loaded causal LM (shared, thread-safe)."""
+    """Surprisal computations on one loaded causal LM (shared, thread-safe).
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 8) -> None:
+    Args:
+        loaded: the model.
+        batch_size: most sequences per forward pass.
+        kv_cache: ``"auto"``: ITPC extends a KV cache window by window where arithmetic
+            is the cost (on the CPU, and for models over 1B parameters); a small model on
+            a GPU is bound by kernel launches, so it rescores each window's view from
+            scratch, which lets the views of concurrent calls (and of LongLLMLingua's two
+            streams) share one device batch and one captured CUDA graph.
+        queue: ``"auto"``: on a GPU, scoring requests go through the model's
+            :class:`~.serving.ScoringQueue`, batched with concurrent callers.
+    """
+
+    def __init__(self, loaded: LoadedModel, batch_size: int = 8, kv_cache: bool | str = "auto",
+                 queue: bool | str = "auto") -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.batch_size = max(1, int(batch_size))
+        on_gpu = str(self.device).startswith("cuda")
+        big = sum(p.numel() for p in self.model.parameters()) > 1e9  # compute-bound even on a GPU
+        self.kv_cache = (not on_gpu or big) if kv_cache == "auto" else bool(kv_cache)
+        self.use_queue = on_gpu if queue == "auto" else bool(queue)
 
     # -- tokenization helpers -------------------------------------------------
     def encode(self, text: str, special: bool = False) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special).input_ids
+
+    def encode_many(self, texts: Sequence[str], special: bool = False) -> list[list[int]]:
+        """Token ids of many texts in one (parallel) tokenizer call."""
+        return self.tokenizer(list(texts), add_special_tokens=special).input_ids if texts else []
 
     def count(self, text: str, special: bool = True) -> int:
         """Small-LM tokens in ``text`` (with the tokenizer's special tokens, as the reference counts)."""
@@ -39,7 +61,19 @@ class CausalScorer:
             ids = ids.tolist()
         return self.tokenizer.decode(ids)
 
+    def session(self):
+        """Context manager around one compression call (lets the queue wait for company)."""
+        return self.loaded.scoring_queue().session() if self.use_queue else contextlib.nullcontext()
+
     # -- surprisal --------------------------------------------------------------
+    def batch_surprisal(self, seqs: Sequence[Sequence[int] | torch.Tensor]) -> list[torch.Tensor]:
+        """Surprisal of tokens ``1 .. len-1`` of each sequence (each at most the model's
+        window), float32 on the CPU: one padded batch, shared with concurrent callers on a GPU."""
+        q = self.loaded.scoring_queue()
+        if self.use_queue:
+            return q.surprisal(seqs)
+        return q.runner.surprisal(seqs, max_rows=self.batch_size)
+
     @torch.inference_mode()
     def surprisal(self, ids: torch.Tensor, cache: Any = None, cached: int = 0) -> tuple[torch.Tensor, Any]:
         """Surprisal of tokens ``cached+1 .. len(ids)-1`` given everything before them.
@@ -57,25 +91,32 @@ class CausalScorer:
         loss = F.cross_entropy(logits, labels, reduction="none")
         return loss, out.past_key_values
 
-    def sequence_surprisal(self, ids: torch.Tensor) -> torch.Tensor:
-        """Surprisal of tokens ``1 .. len(ids)-1`` of a sequence of any length: windows of
-        the model's length that overlap by one token, so every token is scored once."""
+    def sequences_surprisal(self, seqs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Surprisal of tokens ``1 .. len-1`` of sequences of any length: windows of the
+        model's length that overlap by one token, so every token is scored once; the
+        windows of all sequences go in one batch."""
         window = self.loaded.max_positions
-        out = []
-        for s in range(0, max(1, len(ids) - 1), window - 1):
-            loss, _ = self.surprisal(ids[s : s + window])
-            out.append(loss.to("cpu", torch.float32))
-        return torch.cat(out) if out else torch.zeros(0)
+        pieces, owners = [], []
+        for k, ids in enumerate(seqs):
+            for s in range(0, max(1, len(ids) - 1), window - 1):
+                pieces.append(ids[s : s + window])
+                owners.append(k)
+        losses = self.batch_surprisal(pieces)
+        out: list[list[torch.Tensor]] = [[] for _ in seqs]
+        for k, loss in zip(owners, losses):
+            out[k].append(loss)
+        return [torch.cat(parts) if parts else torch.zeros(0) for parts in out]
 
-    @torch.inference_mode()
+    def sequence_surprisal(self, ids: torch.Tensor) -> torch.Tensor:
+        """:meth:`sequences_surprisal` of one sequence."""
+        return self.sequences_surprisal([ids])[0]
+
     def span_perplexities(self, items: Sequence[tuple[list[int], int]]) -> list[float]:
         """Mean surprisal of ``ids[cond:]`` given ``ids[:cond]`` for each ``(ids, cond)``.
 
         ``cond`` is the index of the first token that is scored (0 scores every token
         but the first, which has no context). Sequences longer than the model's window
         keep their last ``max_positions`` tokens, so the scored span survives.
-        Texts are scored in right-padded batches sorted by length, so padding is small
-        and positions of real tokens are unchanged.
         """
         window = self.loaded.max_positions
         prepared = []
@@ -84,23 +125,9 @@ class CausalScorer:
                 cut = len(ids) - window
                 ids, cond = ids[cut:], max(1, cond - cut)
             prepared.append((ids, max(1, cond)))
-        order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][0]))
-        results: list[float] = [float("nan")] * len(prepared)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for b in range(0, len(order), self.batch_size):
-            batch = [prepared[i] for i in order[b : b + self.batch_size]]
-            width = max(len(ids) for ids, _ in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (ids, _) in enumerate(batch):
-                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                mask[row, : len(ids)] = 1
-            with self.loaded.lock:
-                logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            loss = F.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:].to(self.device), reduction="none"
-            ).cpu()
-            for row, (ids, cond) in enumerate(batch):
-                span = loss[row, cond - 1 : len(ids) - 1]
-                results[order[b + row]] = float(span.mean()) if span.numel() else float("nan")
+        losses = self.batch_surprisal([ids for ids, _ in prepared])
+        results = []
+        for (ids, cond), loss in zip(prepared, losses):
+            span = loss[cond - 1 : len(ids) - 1]
+            results.append(float(span.mean()) if span.numel() else float("nan"))
         return results

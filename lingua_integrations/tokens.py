@@ -13,7 +13,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Sequence, Union
 
 TokenCounterLike = Union[str, Callable[[str], int], "TokenCounter", None]
 
@@ -85,12 +85,14 @@ class TokenCounter:
     """Counts target-LLM tokens of a text: a tiktoken encoding or any callable."""
 
     def __init__(self, spec: TokenCounterLike = None) -> None:
+        self._batch = None
         if isinstance(spec, TokenCounter):
-            self._count, self.name = spec._count, spec.name
+            self._count, self._batch, self.name = spec._count, spec._batch, spec.name
         elif spec is None or isinstance(spec, str):
             name = spec or DEFAULT_ENCODING
             enc = _encoding(name)
             self._count = lambda text: len(enc.encode(text, disallowed_special=()))
+            self._batch = lambda texts: [len(ids) for ids in enc.encode_batch(texts, disallowed_special=())]
             self.name = name
         elif callable(spec):
             self._count, self.name = spec, getattr(spec, "__name__", "callable")
@@ -104,6 +106,12 @@ class TokenCounter:
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"token counter {self.name!r} returned {n!r}; it must return a non-negative int")
         return n
+
+    def many(self, texts: Sequence[str]) -> list[int]:
+        """Counts of many texts (tiktoken encodes them in parallel threads)."""
+        if self._batch is not None and len(texts) > 1:
+            return self._batch(list(texts))
+        return [self(t) for t in texts]
 
     def __repr__(self) -> str:
         return f"TokenCounter({self.name!r})"

@@ -1,0 +1,138 @@
+"""Serving many callers: one device batch for the scoring work of concurrent calls.
+
+The algorithms (ranking, ITPC) run in their callers' threads and ask for surprisals
+one step at a time. On a GPU, 64 callers each running their own forward passes would
+queue 64 small launch-bound passes per step; :class:`ScoringQueue` instead collects
+the requests that arrive together, scores them in one padded batch under a token
+budget (:class:`~.runner.SurprisalRunner`) and routes each result back.
+
+It waits for more requests only while other calls are in progress (``session``) and at
+most ``max_wait`` seconds, so a lone caller pays no latency. A failing batch is retried
+request by request, so one bad request fails only its caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from typing import Iterator, Sequence
+
+import torch
+
+from .runner import SurprisalRunner
+
+logger = logging.getLogger(__name__)
+
+
+class _Request:
+    __slots__ = ("seqs", "done", "result", "error")
+
+    def __init__(self, seqs: list[torch.Tensor]) -> None:
+        self.seqs = seqs
+        self.done = threading.Event()
+        self.result: list[torch.Tensor] | None = None
+        self.error: BaseException | None = None
+
+
+class ScoringQueue:
+    """Batches surprisal requests of concurrent callers onto one runner.
+
+    Args:
+        runner: does the device work.
+        max_wait: longest a request waits for others to join its batch (seconds).
+        max_tokens: most sequence tokens gathered into one round (the runner splits a
+            round into passes under its own budget).
+    """
+
+    def __init__(self, runner: SurprisalRunner, max_wait: float = 0.004, max_tokens: int = 262144) -> None:
+        self.runner = runner
+        self.max_wait = max_wait
+        self.max_tokens = max_tokens
+        self._queue: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._active = 0
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self.idle_exit = 2.0  # seconds
+        self.rounds = 0  # diagnostics: batches run
+        self.requests = 0
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Mark a call in progress: while others are, requests wait briefly for company."""
+        with self._lock:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def surprisal(self, seqs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Like :meth:`SurprisalRunner.surprisal`, batched with whatever other callers ask now."""
+        if not seqs:
+            return []
+        request = _Request([torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in seqs])
+        self._queue.put(request)
+        self._ensure_worker()  # after the put: a worker that is exiting checks the queue under the lock
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    # -- the worker -----------------------------------------------------------
+    def _ensure_worker(self) -> None:
+        with self._lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name="lingua-scoring", daemon=True)
+                self._worker.start()
+
+    def _gather(self, first: _Request) -> list[_Request]:
+        batch, tokens = [first], sum(len(s) for s in first.seqs)
+        deadline = time.monotonic() + self.max_wait
+        while tokens < self.max_tokens:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                with self._lock:
+                    others_running = self._active > len(batch)
+                left = deadline - time.monotonic()
+                if not others_running or left <= 0:
+                    break
+                try:
+                    nxt = self._queue.get(timeout=left)
+                except queue.Empty:
+                    break
+            batch.append(nxt)
+            tokens += sum(len(s) for s in nxt.seqs)
+        return batch
+
+    def _serve(self) -> None:
+        while True:
+            try:  # an idle worker exits (and lets the model be freed); the next request restarts it
+                first = self._queue.get(timeout=self.idle_exit)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._worker = None
+                        return
+                continue
+            batch = self._gather(first)
+            self.rounds += 1
+            self.requests += len(batch)
+            try:
+                flat = self.runner.surprisal([s for r in batch for s in r.seqs])
+                pos = 0
+                for r in batch:
+                    r.result, pos = flat[pos : pos + len(r.seqs)], pos + len(r.seqs)
+            except BaseException:  # noqa: BLE001 - isolate the request that fails
+                for r in batch:
+                    try:
+                        r.result = self.runner.surprisal(r.seqs)
+                    except BaseException as exc:  # noqa: BLE001 - delivered to its caller
+                        r.error = exc
+            for r in batch:
+                r.done.set()

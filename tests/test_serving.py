@@ -1,0 +1,140 @@
+"""The device layer (runner) and the cross-caller batching (queue), on the real embedded
+model and real NQ passages. On a GPU they also capture CUDA graphs (benchmarks/speed.py);
+here they run eagerly on the CPU, with the same batching, padding and routing."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from lingua_integrations import CompressionEngine
+
+
+@pytest.fixture(scope="module")
+def passages(nq_rows):
+    return [r["text"] for r in nq_rows[:12]]
+
+
+def test_padded_batch_scores_each_sequence_as_if_alone(engine, passages):
+    """Right padding without a mask is exact for a causal LM: a token never sees what follows."""
+    scorer = engine.scorer
+    seqs = scorer.encode_many(passages[:6], special=True)
+    runner = engine.loaded.scoring_queue().runner
+    together = runner.surprisal(seqs, max_rows=6)
+    for ids, got in zip(seqs, together):
+        alone, _ = scorer.surprisal(torch.tensor(ids))  # the KV-cache path, one sequence
+        assert got.shape == (len(ids) - 1,)
+        assert torch.allclose(got, alone.cpu(), atol=1e-3), float((got - alone.cpu()).abs().max())
+
+
+def test_itpc_without_kv_cache_keeps_the_same_tokens(engine, nq_rows):
+    """The GPU path rescores each window's view instead of extending a KV cache: same output."""
+    docs, q = [r["text"] for r in nq_rows[20:25]], nq_rows[20]["question"]
+    recompute = CompressionEngine(device="cpu")
+    recompute.scorer.kv_cache = False
+    a = engine.compress(docs, question=q, rate=0.33)
+    b = recompute.compress(docs, question=q, rate=0.33)
+    assert a.compressed_prompt == b.compressed_prompt
+
+
+def test_queue_batches_concurrent_requests_and_routes_results(engine, passages):
+    queue = engine.loaded.scoring_queue()
+    seqs = engine.scorer.encode_many(passages, special=True)
+    alone = [queue.runner.surprisal([s])[0] for s in seqs]
+    rounds0, results, barrier = queue.rounds, {}, threading.Barrier(len(seqs))
+
+    def ask(k):
+        with queue.session():
+            barrier.wait()
+            results[k] = queue.surprisal([seqs[k]])[0]
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(len(seqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a caller never got its result"
+    assert queue.rounds - rounds0 < len(seqs), "requests were not batched together"
+    for k, expected in enumerate(alone):
+        assert torch.allclose(results[k], expected, atol=1e-3)
+
+
+def test_a_failing_request_fails_only_its_caller(engine, passages):
+    queue = engine.loaded.scoring_queue()
+    good = engine.scorer.encode_many(passages[:3], special=True)
+    bad = [0, 10**9]  # an id far outside the vocabulary: the embedding lookup raises
+    outcomes, barrier = {}, threading.Barrier(4)
+
+    def ask(k, seq):
+        with queue.session():
+            barrier.wait()
+            try:
+                outcomes[k] = queue.surprisal([seq])[0]
+            except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+                outcomes[k] = exc
+
+    threads = [threading.Thread(target=ask, args=(k, s)) for k, s in enumerate(good + [bad])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert isinstance(outcomes[3], Exception)
+    assert all(isinstance(outcomes[k], torch.Tensor) and len(outcomes[k]) == len(good[k]) - 1 for k in range(3))
+    # and the queue still serves
+    assert len(queue.surprisal([good[0]])[0]) == len(good[0]) - 1
+
+
+def test_concurrent_mixed_calls_match_one_by_one(nq_rows, tmp_path):
+    """32 threads and 32 asyncio tasks on one shared engine, three methods mixed, plus
+    callers that raise mid-batch and a cancelled task: every completed call returns
+    exactly what the same call returns alone, and nothing deadlocks."""
+    from lingua_integrations.evaluation.nq import build_minilm_token_classifier
+
+    classifier = build_minilm_token_classifier(tmp_path / "clf")
+    engine = CompressionEngine.shared(device="cpu", llmlingua2_model=str(classifier))
+    methods = ["llmlingua", "longllmlingua", "llmlingua2"]
+    calls = []
+    for k in range(64):
+        row = nq_rows[100 + 3 * k]
+        docs = [nq_rows[100 + 3 * k + j]["text"][:300] for j in range(3)]
+        calls.append((docs, row["question"], methods[k % 3], 0.3 + 0.05 * (k % 5)))
+
+    def run(call):
+        docs, q, method, rate = call
+        return engine.compress(docs, question=q, method=method, rate=rate).compressed_prompt
+
+    expected = [run(c) for c in calls]
+
+    results: dict[int, str] = {}
+    errors: list[Exception] = []
+
+    def thread_call(k):
+        results[k] = run(calls[k])
+        if k % 8 == 0:  # a caller whose next call is bad, while others are mid-batch
+            try:
+                engine.compress(calls[k][0], rate=1.5)
+            except ValueError as exc:
+                errors.append(exc)
+
+    async def main():
+        async def task_call(k):
+            results[k] = await asyncio.to_thread(run, calls[k])
+
+        doomed = asyncio.create_task(asyncio.to_thread(run, calls[0]))
+        tasks = [asyncio.create_task(task_call(k)) for k in range(32, 64)]
+        await asyncio.sleep(0)
+        doomed.cancel()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=900)
+
+    threads = [threading.Thread(target=thread_call, args=(k,)) for k in range(32)]
+    for t in threads:
+        t.start()
+    asyncio.run(main())
+    for t in threads:
+        t.join(timeout=900)
+    assert not any(t.is_alive() for t in threads)
+    assert len(errors) == 4 and all("rate must be in (0, 1]" in str(e) for e in errors)
+    assert [results[k] for k in range(64)] == expected
