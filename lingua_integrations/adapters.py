@@ -32,7 +32,7 @@ class LinguaSettings(BaseModel):
                                                 description="extra from_pretrained kwargs (trust_remote_code, ...)")
     method: Literal["longllmlingua", "llmlingua", "llmlingua2"] = Field(
         "longllmlingua", description="longllmlingua: question-aware (falls back to llmlingua without a query); "
-                                     "llmlingua2: token classification (needs llmlingua2_model)")
+                                     "llmlingua2: token classification (llmlingua2_model, by default the offline distilled MiniLM)")
     rank_method: Literal["longllmlingua", "llmlingua"] | None = Field(
         None, description="peer-compatible alias of method; if given, it sets method")
     llmlingua2_model: str | None = Field(
@@ -65,9 +65,6 @@ class LinguaSettings(BaseModel):
     def _rank_method_sets_method(self) -> "LinguaSettings":
         if self.rank_method is not None and self.method != "llmlingua2":
             self.method = self.rank_method
-        if self.method == "llmlingua2" and not self.llmlingua2_model:
-            raise ValueError("method='llmlingua2' needs llmlingua2_model (e.g. "
-                             "'microsoft/llmlingua-2-xlm-roberta-large-meetingbank' or a local directory)")
         return self
 
     def engine(self) -> CompressionEngine:

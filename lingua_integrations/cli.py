@@ -26,9 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file", nargs="?", help="JSONL input (default: stdin)")
     p.add_argument("--method", default="longllmlingua", choices=METHODS,
-                   help="longllmlingua (question-aware, default), llmlingua, or llmlingua2 (needs --llmlingua2-model)")
+                   help="longllmlingua (question-aware, default), llmlingua, or llmlingua2 (token classification)")
     p.add_argument("--llmlingua2-model", default=None,
-                   help="token-classification model for --method llmlingua2 (hub id or local directory)")
+                   help="token-classification model for --method llmlingua2 (hub id, local directory or alias; "
+                        "default: the offline distilled minilm-l6-smollm2)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, local directory or hub id (default {DEFAULT_MODEL})")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--rate", type=float, default=None, help="share of target-LLM tokens to keep (default 0.5)")
@@ -69,15 +70,17 @@ def _request(line: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["distill"]:
+        from .distill.cli import main as distill_main
+
+        return distill_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.batch_size < 1:
         print("lingua-compress: --batch-size must be at least 1", file=sys.stderr)
         return 2
     rate = 0.5 if args.rate is None and args.target_tokens is None else args.rate
     try:
-        if args.method == "llmlingua2" and not args.llmlingua2_model:
-            raise ValueError("--method llmlingua2 needs --llmlingua2-model (e.g. "
-                             "microsoft/llmlingua-2-xlm-roberta-large-meetingbank or a local directory)")
         engine = CompressionEngine.shared(args.model, args.device, args.dtype, args.encoding,
                                           llmlingua2_model=args.llmlingua2_model)
         engine.batch_size = args.batch_size

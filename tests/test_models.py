@@ -87,3 +87,32 @@ def test_auto_device_and_dtype_on_cpu_machine():
 def test_missing_path_is_reported():
     with pytest.raises(ValueError, match="not a directory"):
         resolve_model_path("./no/such/model")
+
+
+def test_cached_hub_model_loads_with_the_network_off(engine, tmp_path):
+    """A hub id already in the Hugging Face cache loads with HF_HUB_OFFLINE=1 and no
+    socket at all (a fresh process, so the hub library reads the variable at import)."""
+    import os
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hub" / "models--acme--smol-lm" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "hub" / "models--acme--smol-lm" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--smol-lm" / "refs" / "main").write_text("0" * 40)
+    source = materialize_embedded("smollm2-135m")
+    for f in source.iterdir():
+        (snapshot / f.name).symlink_to(f)
+    code = (
+        "import socket\n"
+        "def no_network(*a, **k): raise RuntimeError('network touched')\n"
+        "socket.socket.connect = no_network\n"
+        "socket.create_connection = no_network\n"
+        "from lingua_integrations import CompressionEngine\n"
+        "e = CompressionEngine('acme/smol-lm', device='cpu')\n"
+        "print(e.compress(['The tower was completed in 1889 in Paris.'], rate=0.5).compressed_tokens)\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.strip().splitlines()[-1]) > 0

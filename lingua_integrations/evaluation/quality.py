@@ -46,6 +46,8 @@ OURS: dict[str, dict[str, Any]] = {
     "ours default": {},
     "ours longllmlingua (paper)": dict(ranking="perplexity", granularity="token", evidence=False),
     "ours llmlingua": dict(method="llmlingua"),
+    # the distilled MiniLM (LLMLingua-2) with BM25 ranking: no causal LM in the call at all
+    "ours llmlingua2 (distilled)": dict(method="llmlingua2", ranking="bm25"),
 }
 REFERENCE_LONG = dict(condition_in_question="after_condition", reorder_context="sort",
                       dynamic_context_compression_ratio=0.3, condition_compare=True, context_budget="+100",
