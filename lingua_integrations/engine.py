@@ -34,7 +34,7 @@ from .ranking import Ranked, fuse, rank_contexts
 from .recovery import recover as _recover
 from .scoring import CausalScorer
 from .structured import parse_spans
-from .token_classification import TokenClassifier, prepare, select_words
+from .token_classification import TokenClassifier, fit_total, prepare, select_words
 from .units import Granularity, salient_units, token_units
 from .tokens import DEFAULT_ENCODING, TokenCounter, TokenCounterLike
 
@@ -549,7 +549,9 @@ class CompressionEngine:
         tau = 1.0 if context_target is None or not total else min(1.0, context_target / total)
         docs = [classified[i] for i in used]
         prepare(docs, force_tokens, force_digits)
-        select_words(docs, [bc.clamp_rate(tau, delta_of.get(i, 0.0)) for i in used], self.count, prefer_salient)
+        sizes = select_words(docs, [bc.clamp_rate(tau, delta_of.get(i, 0.0)) for i in used], self.count, prefer_salient)
+        if context_target is not None:
+            fit_total(docs, sizes, context_target, prefer_salient, RATE_TOLERANCE)
         compressed = {i: ct.compressed(drop_consecutive) for i, ct in zip(used, docs)}
         words = {i: [(ct.word_text(w), round(w.prob, 4), w.kept) for w in ct.words] for i, ct in zip(used, docs)}
         return compressed, words

@@ -221,8 +221,15 @@ def materialize_distilled(alias: str) -> Path:
     from safetensors.torch import load_file
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-    model = AutoModelForTokenClassification.from_pretrained(
-        base, num_labels=2, id2label={0: "drop", 1: "keep"}, label2id={"drop": 0, "keep": 1}, use_safetensors=True)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the base has no classifier yet: its load report is expected noise
+    try:
+        model = AutoModelForTokenClassification.from_pretrained(
+            base, num_labels=2, id2label={0: "drop", 1: "keep"}, label2id={"drop": 0, "keep": 1}, use_safetensors=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     state = {k: v.float() for k, v in load_file(str(delta)).items()}
     unknown = set(state) - set(model.state_dict())
     if unknown:

@@ -204,10 +204,37 @@ def _salient(piece: str) -> bool:
     return any(ch.isdigit() or ch.isupper() for ch in piece)
 
 
-def select_words(texts: Sequence[ClassifiedText], rates: Sequence[float], count, prefer_salient: bool = False) -> None:
+def _order_key(ct: ClassifiedText, w: Word, prefer_salient: bool) -> float:
+    """Higher = keep sooner: the keep probability, names and numbers first when preferred."""
+    return w.prob + (1.0 if prefer_salient and _salient(ct.text[w.start : w.end]) else 0.0)
+
+
+def fit_total(texts: Sequence[ClassifiedText], sizes: Sequence[list[int]], budget: float, prefer_salient: bool,
+              tolerance: float = 0.05) -> None:
+    """Move the kept words of all texts together to within ``tolerance`` of ``budget``
+    target-LLM tokens: per-text rates (shifted by rank) can add up to more or less than the
+    call's budget. Drops the least probable kept words, or restores the most probable dropped."""
+    pool = [(ct, w, n) for ct, ws in zip(texts, sizes) for w, n in zip(ct.words, ws) if not w.forced and n > 0]
+    spent = sum(n for ct, ws in zip(texts, sizes) for w, n in zip(ct.words, ws) if w.kept)
+    if spent > budget * (1 + tolerance):
+        for ct, w, n in sorted((x for x in pool if x[1].kept), key=lambda x: _order_key(x[0], x[1], prefer_salient)):
+            if spent <= budget:
+                break
+            w.kept, spent = False, spent - n
+    elif spent < budget * (1 - tolerance):
+        for ct, w, n in sorted((x for x in pool if not x[1].kept), key=lambda x: -_order_key(x[0], x[1], prefer_salient)):
+            if spent + n > budget:
+                continue
+            w.kept, spent = True, spent + n
+
+
+def select_words(texts: Sequence[ClassifiedText], rates: Sequence[float], count,
+                 prefer_salient: bool = False) -> list[list[int]]:
     """Keep, per text, the most probable words until ``rate`` of its target-LLM tokens
     (forced words first, and counted). With ``prefer_salient``, names and numbers are
-    taken before any other word, budget permitting. Sets ``Word.kept``."""
+    taken before any other word, budget permitting. Sets ``Word.kept``; returns each
+    word's target-LLM tokens."""
+    all_sizes = []
     for ct, rate in zip(texts, rates):
         known: dict[str, int] = {}
         sizes = []
@@ -216,19 +243,17 @@ def select_words(texts: Sequence[ClassifiedText], rates: Sequence[float], count,
             if piece not in known:
                 known[piece] = 0 if piece.isspace() else max(1, count(piece))
             sizes.append(known[piece])
+        all_sizes.append(sizes)
         budget = rate * sum(sizes)
         for w in ct.words:
             w.kept = w.forced
         spent = sum(s for w, s in zip(ct.words, sizes) if w.kept)
         candidates = [i for i, w in enumerate(ct.words) if not w.forced and sizes[i] > 0]  # not bare line breaks
-        def key(i: int) -> float:
-            w = ct.words[i]
-            return -(w.prob + (1.0 if prefer_salient and _salient(ct.text[w.start : w.end]) else 0.0))
-
-        for i in sorted(candidates, key=key):
+        for i in sorted(candidates, key=lambda i: -_order_key(ct, ct.words[i], prefer_salient)):
             if spent + sizes[i] > budget and spent > 0:
                 if spent >= budget:
                     break
                 continue
             ct.words[i].kept = True
             spent += sizes[i]
+    return all_sizes

@@ -16,6 +16,7 @@ or in one go: :func:`distill` (and ``lingua-compress distill`` on the command li
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -52,7 +53,7 @@ def distill(documents: Sequence[str], teacher: Any, base_model: str, out_dir: st
     annotated = [annotate(c, a) for c, a in zip(chunks, answers) if a is not None]
     samples, report = filter_annotations(annotated, max_variation, max_gap)
     if progress:
-        print(f"annotation: {report}", flush=True)
+        print(f"annotation: {report}", file=sys.stderr, flush=True)
     if len(samples) < 2:
         raise ValueError(f"only {len(samples)} usable samples after filtering ({report}): give more text, or check "
                          "that the teacher deletes words without rewording them")

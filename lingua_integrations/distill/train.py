@@ -12,6 +12,7 @@ then the base model's id plus a delta of a few MB (:func:`save_delta`).
 from __future__ import annotations
 
 import json
+import sys
 import logging
 import math
 import random
@@ -149,7 +150,7 @@ def train_compressor(annotations: Sequence[Annotation], base_model: str, out_dir
         metrics.update(epoch=epoch, train_loss=total / max(1, steps))
         history.append(metrics)
         if progress:
-            print(f"epoch {epoch}: {metrics}", flush=True)
+            print(f"epoch {epoch}: {metrics}", file=sys.stderr, flush=True)
         if metrics["eval_loss"] < best - 1e-4:
             best, stale = metrics["eval_loss"], 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
