@@ -1,7 +1,9 @@
 """Every case of lingua_integrations.evaluation.robustness at every entry point: what each
 gets, as the table in docs/reliability.md (results/robustness.{md,json}).
 
-    python benchmarks/robustness.py [--all]    # --all: also the cases that take many minutes on 2 CPU cores
+    python benchmarks/robustness.py [--all] [--only=CASE ...]
+    # --all: also the cases that take many minutes on 2 CPU cores; --only: rerun these
+    # cases and keep the others' results from the last run
 """
 import json
 import sys
@@ -27,8 +29,16 @@ def cell(o) -> str:
 
 def main() -> None:
     run_all = "--all" in sys.argv
+    only = {a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")}  # rerun these cases, keep the rest
     results = {}
+    previous = ROOT / "benchmarks" / "results" / "robustness.json"
+    if only and previous.is_file():
+        for r in json.loads(previous.read_text()):
+            key = (r.pop("case"), r.pop("entry"))
+            results[key] = Outcome(**r)
     for case in CASES:
+        if only and case.name not in only:
+            continue
         for entry in ENTRY_POINTS:
             if entry in case.slow_on and not run_all:
                 o = Outcome("skipped", "minutes on 2 CPU cores (--all runs it)", 0.0)

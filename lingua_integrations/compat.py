@@ -201,6 +201,8 @@ class PromptCompressor:
         unknown = set(llmlingua2_kwargs) - _LLMLINGUA2_ONLY
         if unknown:
             raise TypeError(f"compress_prompt() got unexpected keyword arguments {sorted(unknown)}")
+        if target_token is None or (target_token != -1 and target_token <= 0):
+            raise ValueError(f"target_token must be positive, or -1 to use rate (got {target_token!r})")
         if self.use_llmlingua2:
             return self.compress_prompt_llmlingua2(
                 context, rate=rate, target_token=target_token, use_context_level_filter=use_context_level_filter,

@@ -7,7 +7,8 @@ deletes whole *units* instead:
 
 * ``"word"``: a run of non-space characters (so a number, identifier, URL, e-mail
   address or hyphenated word is one unit), and a date written with a month name
-  ("4 July 1776", "July 4, 1776", "July 1776") as one unit;
+  ("4 July 1776", "July 4, 1776", "July 1776") as one unit; in scripts written without
+  spaces (Chinese, Japanese, Korean) each character is a unit;
 * ``"token"``: a single small-LM token, except that the byte pieces of one character
   stay together (no half emoji or half CJK glyph).
 
@@ -28,7 +29,9 @@ _MONTH = (r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|
 _DAY = r"\d{1,2}(?:st|nd|rd|th)?"
 _YEAR = r"\d{3,4}"
 _DATE = rf"(?:{_DAY}\s+{_MONTH},?\s+{_YEAR}|{_MONTH}\s+{_DAY},?\s+{_YEAR}|{_MONTH}\s+{_YEAR}|{_MONTH}\s+{_DAY}\b)"
-_UNIT = re.compile(rf"{_DATE}[^\s]*|\S+")
+# scripts written without spaces (CJK ideographs, kana, hangul syllables): one character per unit
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f"
+_UNIT = re.compile(rf"{_DATE}[^\s{_CJK}]*|[{_CJK}]|[^\s{_CJK}]+")
 
 
 def word_spans(text: str) -> list[tuple[int, int]]:

@@ -230,9 +230,14 @@ def run(entry: str, case: Case) -> Outcome:
         text, accounted, target, compressed = ENTRY_POINTS[entry](case)
     except (ValueError, TypeError) as exc:
         kind = "TypeError" if isinstance(exc, TypeError) else "ValueError"
-        return Outcome(kind, str(exc).splitlines()[0][:200], time.perf_counter() - t)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if lines and "validation error" in lines[0]:  # pydantic: the field and what it wants
+            lines = [f"{lines[1]}: {lines[2].split(' [type=')[0]}" if len(lines) > 2 else lines[0]]
+        return Outcome(kind, (lines[0] if lines else repr(exc))[:200], time.perf_counter() - t)
     except Exception as exc:  # noqa: BLE001 - recorded as a defect
         return Outcome(type(exc).__name__, str(exc)[:200], time.perf_counter() - t)
-    within = None if target is None else compressed <= max(1.1 * target, target + 8)
+    # the question is kept whole: a budget smaller than the question alone cannot be met
+    floor = _engine({}).count(case.question) if isinstance(case.question, str) else 0
+    within = None if target is None else compressed <= max(1.1 * target, target + 8, floor + 8)
     return Outcome("result", f"{compressed} tokens kept", time.perf_counter() - t,
                    _doc_count(case.context), accounted, within)
