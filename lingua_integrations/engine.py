@@ -550,8 +550,11 @@ class CompressionEngine:
         docs = [classified[i] for i in used]
         prepare(docs, force_tokens, force_digits)
         sizes = select_words(docs, [bc.clamp_rate(tau, delta_of.get(i, 0.0)) for i in used], self.count, prefer_salient)
-        if context_target is not None:
-            fit_total(docs, sizes, context_target, prefer_salient, RATE_TOLERANCE)
+        if context_target is not None and total:
+            # word sizes are counted word by word (a little more than the joined text's
+            # tokens): the budget is scaled into the same units
+            scale = sum(map(sum, sizes)) / total
+            fit_total(docs, sizes, context_target * scale, prefer_salient, RATE_TOLERANCE)
         compressed = {i: ct.compressed(drop_consecutive) for i, ct in zip(used, docs)}
         words = {i: [(ct.word_text(w), round(w.prob, 4), w.kept) for w in ct.words] for i, ct in zip(used, docs)}
         return compressed, words
