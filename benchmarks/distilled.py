@@ -29,6 +29,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=12)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--methods", default=",".join(METHODS), help="first = the student (quick checks: only it)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "nq-open-oracle-dev.jsonl.gz"))
     args = ap.parse_args()
     rows = load_rows(args.data)
@@ -36,9 +38,10 @@ def main() -> None:
     cases = build_cases(rows, args.cases, seed=args.seed, question_rows=questions)
     engine = CompressionEngine.shared(device="cpu", dtype="float32")
     engine.compress(["warm-up text."], method="llmlingua2", rate=0.5)  # load (and merge) the distilled model
-    samples = run_nq(cases, [0.33, 0.2], METHODS, engine, progress=lambda s: print(s, flush=True))
+    methods = [m for m in args.methods.split(",") if m]
+    samples = run_nq(cases, [0.33, 0.2], methods, engine, progress=lambda s: print(s, flush=True))
     table = []
-    for method in METHODS:
+    for method in methods:
         for rate in (0.33, 0.2):
             got = [s for s in samples if s.method == method and s.rate == rate]
             table.append({"method": method, "rate": rate, "answer_kept": statistics.mean(s.answer_kept for s in got),
@@ -47,12 +50,13 @@ def main() -> None:
     lines = ["| method | rate | answer kept | achieved rate | median s per call |", "|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['rate']} | {r['answer_kept']:.2f} | {r['achieved']:.3f} | {r['seconds']:.2f} |"
               for r in table]
-    student = {r["rate"]: r for r in table if r["method"] == METHODS[0]}
-    for teacher in METHODS[1:]:
+    student = {r["rate"]: r for r in table if r["method"] == methods[0]}
+    for teacher in methods[1:]:
         for r in (r for r in table if r["method"] == teacher):
             lines.append(f"\n{teacher} at {r['rate']}: student/teacher answer kept {student[r['rate']]['answer_kept']:.2f}"
                          f"/{r['answer_kept']:.2f}, speed-up {r['seconds'] / student[r['rate']]['seconds']:.1f}x")
-    out = ROOT / "benchmarks" / "results"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "distilled.md").write_text(f"{args.cases} cases, seed {args.seed}\n\n" + "\n".join(lines) + "\n")
     (out / "distilled.json").write_text(json.dumps({"cases": args.cases, "seed": args.seed, "table": table}, indent=1))
     print("\n".join(lines))
