@@ -25,7 +25,9 @@ a ``ValueError`` instead of silently doing something else.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,7 +38,7 @@ from .itpc import iterative_compress
 from .models import DEFAULT_MODEL
 from .ranking import rank_contexts
 from .structured import parse_spans
-from .token_classification import ClassifiedText, prepare
+from .token_classification import ClassifiedText, count_distinct, prepare
 
 
 def _reference_select(ct: ClassifiedText, reduce_rate: float, count, drop_consecutive: bool, tokenizer) -> None:
@@ -45,35 +47,48 @@ def _reference_select(ct: ClassifiedText, reduce_rate: float, count, drop_consec
     probabilities repeated once per target-LLM token of the word *as the model sees it*
     (its sub-tokens joined: lower-cased by uncased tokenizers, as the reference counts)."""
     if reduce_rate <= 0:
-        for w in ct.words:
-            w.kept = True
+        ct.kept = np.ones(len(ct), dtype=bool)
         return
-    by_chunk: dict[int, list] = {}
-    for w in ct.words:
-        by_chunk.setdefault(w.chunk, []).append(w)
-    sizes: dict[str, int] = {}  # target tokens per distinct word text
-    for words in by_chunk.values():
-        probs = [1.0 if w.forced else w.prob for w in words]
-        texts = [_model_view(tokenizer, tuple(w.ids)) if w.ids else ct.word_text(w) for w in words]
-        if drop_consecutive:
-            cut = float(np.percentile(probs, int(100 * reduce_rate)))
+    probs = np.where(ct.forced, 1.0, ct.probs)
+    words = ct.words
+    texts = _model_views(ct, tokenizer)
+    sizes = count_distinct(texts, count, space=1)
+    kept = np.zeros(len(ct), dtype=bool)
+    for c in np.unique(ct.chunks):
+        idx = np.flatnonzero(ct.chunks == c)
+        p = probs[idx].copy()
+        if drop_consecutive:  # a forced word repeating the previous forced word, with no kept word between, goes
+            cut = float(np.percentile(p, int(100 * reduce_rate)))
             between, prev = False, None
-            for k, w in enumerate(words):
-                if w.forced:
+            for j, k in enumerate(idx.tolist()):
+                if ct.forced[k]:
                     if between:
                         between = False
                     elif texts[k] == prev:
-                        probs[k] = 0.0
+                        p[j] = 0.0
                     prev = texts[k]
                 else:
-                    between |= probs[k] > cut
-        for t in texts:
-            if t not in sizes:
-                sizes[t] = 1 if t.isspace() else max(1, count(t))
-        weighted = np.repeat(np.asarray(probs, dtype=np.float64), [sizes[t] for t in texts])
-        cut = float(np.percentile(weighted, int(100 * reduce_rate + 1)))
-        for w, p in zip(words, probs):
-            w.kept = p > cut or (cut == 1.0 and p == 1.0)
+                    between |= p[j] > cut
+        cut = float(np.percentile(np.repeat(p, sizes[idx]), int(100 * reduce_rate + 1)))
+        kept[idx] = (p > cut) | ((cut == 1.0) & (p == 1.0))
+    ct.kept = kept
+
+
+def _model_views(ct: ClassifiedText, tokenizer) -> list[str]:
+    """Each word as the model sees it, worked out once per distinct (word, first sub-token)."""
+    ids, lo, hi = ct.token_ids.tolist(), ct.tok_lo.tolist(), ct.tok_hi.tolist()
+    firsts = ct.token_ids[np.minimum(ct.tok_lo, max(len(ids) - 1, 0))].tolist() if ids else [0] * len(lo)
+    seen: dict[tuple[str, int], str] = {}
+    out = []
+    for w, a, b, f in zip(ct.words, lo, hi, firsts):
+        if b <= a:
+            out.append(w)  # an inserted line break: no sub-tokens
+            continue
+        view = seen.get((w, f))
+        if view is None:
+            view = seen[(w, f)] = _model_view(tokenizer, tuple(ids[a:b]))
+        out.append(view)
+    return out
 
 
 @functools.lru_cache(maxsize=65536)
@@ -81,6 +96,9 @@ def _model_view(tokenizer, ids: tuple[int, ...]) -> str:
     """A word as the model sees it (sub-tokens joined; lower-cased by uncased tokenizers)."""
     return tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(list(ids)))
 
+
+# counts the input's target-LLM tokens while the encoder runs (tiktoken releases the GIL)
+_BACKGROUND = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="lingua-count")
 
 _LLMLINGUA2_ONLY = {
     "target_context", "context_level_rate", "context_level_target_token", "return_word_label", "word_sep",
@@ -298,9 +316,13 @@ class PromptCompressor:
         if rate is None or not 0 < rate <= 1.0:
             raise ValueError(f"rate must be in (0, 1], got {rate!r}")
         count = self.oai_count
-        origin = sum(count(c) for c in contexts)
-        self.engine.check_input_size(origin)
+        origin_counted = _BACKGROUND.submit(lambda: sum(count(c) for c in contexts))  # meanwhile, the encoder
+        if sum(len(c.encode("utf-8", "surrogatepass")) for c in contexts) > (self.engine.max_input_tokens or math.inf):
+            # a token is at least one byte: only input with more bytes than the limit can be too long
+            self.engine.check_input_size(origin_counted.result())
         docs = self.engine.classifier.classify(contexts, chunk_end_tokens)
+        origin = origin_counted.result()
+        self.engine.check_input_size(origin)
         prepare(docs, force_tokens, force_reserve_digit)
         keep = list(range(len(contexts)))
         if use_context_level_filter and len(contexts) > 1:
@@ -313,7 +335,7 @@ class PromptCompressor:
                 context_level_rate = min(target_context / len(contexts), 1.0)
             if context_level_target_token >= 0:
                 context_level_rate = min(context_level_target_token / origin, 1.0)
-            means = [sum(w.prob for w in ct.words) / max(1, len(ct.words)) for ct in docs]
+            means = [float(ct.probs.sum()) / max(1, len(ct)) for ct in docs]
             cut = float(np.percentile(means, int(100 * (1 - context_level_rate))))
             keep = [i for i, m in enumerate(means) if m >= cut or (force_context_ids and i in force_context_ids)]
             if target_token >= 0:
@@ -328,8 +350,8 @@ class PromptCompressor:
         res = _result(prompt, origin, sum(count(c) for c in compressed), compressed_prompt_list=compressed)
         if return_word_label:
             res["fn_labeled_original_prompt"] = word_sep.join(
-                f"{ct.word_text(w)}{label_sep}{int(w.kept)}" for i, ct in enumerate(docs) for w in ct.words
-                if i in keep or not w.kept)
+                f"{w}{label_sep}{int(k)}" for i, ct in enumerate(docs) for w, k in zip(ct.words, ct.kept.tolist())
+                if i in keep or not k)
         return res
 
     def _iterative(self, contexts: list[str], prefix: str | None, target_token: float, window: int,

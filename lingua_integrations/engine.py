@@ -451,7 +451,7 @@ class CompressionEngine:
             compressed, words = self._token_classification(
                 fine_texts, used, classified, delta_of, context_target if use_token_level_filter else None,
                 sum(fine_lengths[i] for i in used), force_tokens, force_reserve_digit, drop_consecutive,
-                chunk_end_tokens, keep_names_and_numbers)
+                chunk_end_tokens, keep_names_and_numbers, return_words)
         elif use_token_level_filter and used:
             compressed = self._fine(
                 fine_texts, span_lists, used, delta_of, question if contrast else "", context_target, iterative_size,
@@ -539,8 +539,8 @@ class CompressionEngine:
         return fine_texts, [self.count(t) if i in chosen or i in forced else 0 for i, t in enumerate(fine_texts)], kept
 
     def _token_classification(self, texts, used, classified, delta_of, context_target, total, force_tokens,
-                              force_digits, drop_consecutive, chunk_end_tokens, prefer_salient: bool = False
-                              ) -> tuple[dict[int, str], dict]:
+                              force_digits, drop_consecutive, chunk_end_tokens, prefer_salient: bool = False,
+                              return_words: bool = False) -> tuple[dict[int, str], dict]:
         """LLMLingua-2's fine step: keep each kept context's most probable words, at the
         context's rate (the budget's share, shifted by its rank's dynamic ratio)."""
         missing = [i for i in used if i not in classified]
@@ -556,7 +556,8 @@ class CompressionEngine:
             scale = sum(map(sum, sizes)) / total
             fit_total(docs, sizes, context_target * scale, prefer_salient, RATE_TOLERANCE)
         compressed = {i: ct.compressed(drop_consecutive) for i, ct in zip(used, docs)}
-        words = {i: [(ct.word_text(w), round(w.prob, 4), w.kept) for w in ct.words] for i, ct in zip(used, docs)}
+        words = {i: [(w, round(p, 4), k) for w, p, k in zip(ct.words, ct.probs.tolist(), ct.kept.tolist())]
+                 for i, ct in zip(used, docs)} if return_words else {}
         return compressed, words
 
     def _fine(

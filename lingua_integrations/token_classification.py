@@ -8,71 +8,140 @@ name; the output is cut from the original text, so case and spacing survive.
 
 Long inputs are cut into chunks that fit the encoder's window, preferably after a
 sentence end, and all chunks of all texts of a call are classified in padded batches.
+
+The encoder's forward pass is the only real work, so everything around it is array
+code: a text's words are parallel numpy arrays (no object per word), grouping, forcing,
+selection and the budget fit are vectorised, long texts are tokenized in pieces in
+parallel, and the per-word analysis runs on the CPU while the device classifies.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .models import LoadedModel
 
-_DIGIT = re.compile(r"\d")
-_ALNUM = re.compile(r"[^\W_]")  # a letter or a digit
+PIECE_CHARS = 8192  # texts longer than this are tokenized in pieces, in parallel threads
+GPU_BATCH_TOKENS = 65536  # padded tokens per encoder pass on a GPU (few passes: launches cost)
+
+_ASCII = [chr(i) for i in range(128)]
+_ASCII_TABLES = {
+    name: np.array([getattr(c, name)() for c in _ASCII], dtype=bool)
+    for name in ("isspace", "isalnum", "isdigit", "isupper")
+}
 
 
-@dataclass
-class Word:
-    """One word of a text: its span in the text, its keep probability, whether it is forced."""
+def char_flags(text: str, name: str) -> np.ndarray:
+    """``str.<name>()`` of every character of ``text`` as a bool array (ASCII by table,
+    other characters once per distinct code point)."""
+    cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    out = np.zeros(len(cp), dtype=bool)
+    ascii_ = cp < 128
+    out[ascii_] = _ASCII_TABLES[name][cp[ascii_]]
+    if not ascii_.all():
+        rest = ~ascii_
+        distinct, inverse = np.unique(cp[rest], return_inverse=True)
+        out[rest] = np.array([getattr(chr(c), name)() for c in distinct.tolist()], dtype=bool)[inverse]
+    return out
 
-    start: int
-    end: int
-    prob: float
-    forced: bool = False
-    kept: bool = False
-    chunk: int = 0  # which encoder window the word was classified in
-    ids: list[int] = field(default_factory=list)  # its sub-token ids
+
+def _prefix_counts(flags: np.ndarray) -> np.ndarray:
+    """``c[i]`` = how many flagged characters precede position ``i`` (length n + 1)."""
+    return np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
 
 
 @dataclass
 class ClassifiedText:
-    text: str
-    words: list[Word] = field(default_factory=list)
+    """A text's words as parallel arrays, one entry per word: its character span, keep
+    probability, the encoder window it was classified in, its sub-token ids
+    (``token_ids[tok_lo[k]:tok_hi[k]]``; none for inserted line-break words), and the
+    forced / kept flags the selection sets."""
 
-    def word_text(self, w: Word) -> str:
-        return self.text[w.start : w.end]
+    text: str
+    starts: np.ndarray
+    ends: np.ndarray
+    probs: np.ndarray
+    chunks: np.ndarray
+    tok_lo: np.ndarray
+    tok_hi: np.ndarray
+    token_ids: np.ndarray
+    forced: np.ndarray | None = None
+    kept: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.starts)
+        self.forced = np.zeros(n, dtype=bool) if self.forced is None else self.forced
+        self.kept = np.zeros(n, dtype=bool) if self.kept is None else self.kept
+        self._texts: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def words(self) -> list[str]:
+        """Each word's text (computed once)."""
+        if self._texts is None or len(self._texts) != len(self):
+            t = self.text
+            self._texts = [t[s:e] for s, e in zip(self.starts.tolist(), self.ends.tolist())]
+        return self._texts
+
+    def _permute(self, order: np.ndarray) -> None:
+        for name in ("starts", "ends", "probs", "chunks", "tok_lo", "tok_hi", "forced", "kept"):
+            setattr(self, name, getattr(self, name)[order])
+        self._texts = None
 
     @property
     def mean_prob(self) -> float:
-        probs = [w.prob for w in self.words if not w.forced]
-        return sum(probs) / len(probs) if probs else 0.0
+        probs = self.probs[~self.forced]
+        return float(probs.mean()) if len(probs) else 0.0
+
+    def any_char(self, name: str) -> np.ndarray:
+        """Per word: does it contain a character with ``str.<name>()`` true?"""
+        c = _prefix_counts(char_flags(self.text, name))
+        return c[self.ends] > c[self.starts]
 
     def compressed(self, drop_consecutive: bool = False) -> str:
         """Kept words in order, each joined to the previous kept word by the original
         whitespace when nothing between them was dropped, else by one space."""
-        out: list[str] = []
-        prev: Word | None = None
-        prev_index = -2
-        last_forced_text: str | None = None
-        for i, w in enumerate(self.words):
-            if not w.kept:
-                continue
-            piece = self.word_text(w)
-            if drop_consecutive and w.forced and piece == last_forced_text:
-                continue
-            last_forced_text = piece if w.forced else None
-            if prev is not None:
-                gap = self.text[prev.end : w.start]
-                if prev_index == i - 1:
-                    out.append(gap)
-                elif not (piece.isspace() or self.word_text(prev).isspace()):
-                    out.append(" ")
-            out.append(piece)
-            prev, prev_index = w, i
+        idx = np.flatnonzero(self.kept)
+        if not len(idx):
+            return ""
+        words = self.words
+        if drop_consecutive:  # a forced word right after the same forced word (kept) goes
+            f = self.forced[idx]
+            same = np.array([words[a] == words[b] for a, b in zip(idx[1:].tolist(), idx[:-1].tolist())], dtype=bool)
+            drop = np.concatenate([[False], f[1:] & f[:-1] & same])
+            idx = idx[~drop]
+        space = np.array([words[k].isspace() for k in idx.tolist()], dtype=bool)
+        adjacent = idx[1:] == idx[:-1] + 1
+        ends, starts, text = self.ends[idx[:-1]].tolist(), self.starts[idx[1:]].tolist(), self.text
+        out = [words[idx[0]]]
+        for k, (adj, join_space) in enumerate(zip(adjacent.tolist(), (~(space[1:] | space[:-1])).tolist())):
+            if adj:
+                out.append(text[ends[k] : starts[k]])
+            elif join_space:
+                out.append(" ")
+            out.append(words[idx[k + 1]])
         return "".join(out).strip(" ")
+
+
+def _pieces(text: str, size: int = PIECE_CHARS) -> list[int]:
+    """Start offsets of pieces of about ``size`` characters, cut after a line break (else
+    after a space) so no word is split; one piece when there is no whitespace to cut at."""
+    starts, start, n = [0], 0, len(text)
+    while n - start > size:
+        cut = text.rfind("\n", start + size // 2, start + size)
+        if cut < 0:
+            cut = text.rfind(" ", start + size // 2, start + size)
+        if cut < 0:
+            break
+        start = cut + 1
+        starts.append(start)
+    return starts
 
 
 class TokenClassifier:
@@ -82,29 +151,65 @@ class TokenClassifier:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.batch_size = max(1, int(batch_size))
         limit = getattr(self.tokenizer, "model_max_length", 512) or 512
         self.window = int(min(window or 512, limit if limit < 100_000 else 512, loaded.max_positions))
+        # on a GPU each pass costs its kernel launches: as many windows per pass as a token budget allows
+        on_gpu = str(loaded.device).startswith("cuda")
+        self.batch_size = max(1, int(batch_size), GPU_BATCH_TOKENS // self.window if on_gpu else 1)
         tok = self.tokenizer
         self.prefix = [i for i in [tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id] if i is not None]
         self.suffix = [i for i in [tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id] if i is not None]
         keep = getattr(self.model.config, "label2id", None) or {}
         self.keep_label = int(keep.get("keep", keep.get("KEEP", 1)))
 
-    def _chunks(self, offsets: list[tuple[int, int]], text: str, chunk_end: set[str]) -> list[tuple[int, int]]:
+    def _tokenize(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(ids, offsets (n, 2), word ids) per text. Long texts go in pieces cut at line
+        breaks, all pieces in one batch call (the fast tokenizer runs it in threads)."""
+        cuts = [_pieces(t) for t in texts]
+        jobs = [(ti, s, e) for ti, (t, c) in enumerate(zip(texts, cuts)) for s, e in zip(c, c[1:] + [len(t)])]
+        if not jobs:
+            return []
+        enc = self.tokenizer([texts[ti][s:e] for ti, s, e in jobs], add_special_tokens=False,
+                             return_offsets_mapping=True)
+        parts: list[list] = [[] for _ in texts]
+        for j, (ti, s, _) in enumerate(jobs):
+            ids = np.asarray(enc["input_ids"][j], dtype=np.int64)
+            offsets = np.asarray(enc["offset_mapping"][j], dtype=np.int64).reshape(-1, 2) + s
+            wids = np.asarray([-1 if w is None else w for w in enc.word_ids(j)], dtype=np.int64)
+            parts[ti].append((ids, offsets, wids))
+        out = []
+        for pieces in parts:
+            shift, wid_parts = 0, []
+            for _, _, wids in pieces:  # word ids stay distinct across pieces
+                wid_parts.append(np.where(wids >= 0, wids + shift, -1))
+                shift += int(wids.max()) + 1 if len(wids) else 0
+            out.append((np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces]),
+                        np.concatenate(wid_parts)))
+        return out
+
+    def _chunks(self, offsets: np.ndarray, text: str, chunk_end: set[str]) -> list[tuple[int, int]]:
         """Token ranges of at most ``window - specials`` tokens, cut after the last
         sentence end (a chunk-end token, or a token followed by a newline) in reach."""
         size = self.window - len(self.prefix) - len(self.suffix)
-        n, start, out = len(offsets), 0, []
+        n = len(offsets)
+        if n == 0:
+            return []
+        s, e = offsets[:, 0], offsets[:, 1]
+        lengths = {len(t) for t in chunk_end}
+        is_end = np.zeros(n, dtype=bool)
+        for j in np.flatnonzero(np.isin(e - s, list(lengths))).tolist():
+            is_end[j] = text[s[j] : e[j]] in chunk_end
+        if "\n" in chunk_end:  # a newline in the gap before the next token
+            nl = _prefix_counts(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32) == 10)
+            is_end[:-1] |= nl[np.maximum(s[1:], e[:-1])] > nl[e[:-1]]
+        ends = np.flatnonzero(is_end)
+        start, out = 0, []
         while start < n:
             end = min(n, start + size)
             if end < n:
-                for j in range(end - 1, start, -1):
-                    s, e = offsets[j]
-                    after = text[e : offsets[j + 1][0]] if j + 1 < n else ""
-                    if text[s:e] in chunk_end or ("\n" in chunk_end and "\n" in after):
-                        end = j + 1
-                        break
+                k = int(np.searchsorted(ends, end - 1, side="right")) - 1
+                if k >= 0 and ends[k] > start:
+                    end = int(ends[k]) + 1
             out.append((start, end))
             start = end
         return out
@@ -113,82 +218,123 @@ class TokenClassifier:
     def classify(self, texts: Sequence[str], chunk_end: Sequence[str] = (".", "\n")) -> list[ClassifiedText]:
         """Word keep-probabilities of every text (mean of its sub-tokens' probabilities)."""
         ends = set(chunk_end)
-        encoded = [self.tokenizer(t, add_special_tokens=False, return_offsets_mapping=True) for t in texts]
+        encoded = self._tokenize(texts)
         jobs = []  # (text index, token start, token end)
-        for ti, (t, enc) in enumerate(zip(texts, encoded)):
-            jobs += [(ti, s, e) for s, e in self._chunks([tuple(o) for o in enc.offset_mapping], t, ends)]
-        token_probs = [torch.zeros(len(enc.input_ids)) for enc in encoded]
-        token_chunk = [torch.zeros(len(enc.input_ids), dtype=torch.long) for enc in encoded]
+        for ti, (t, (_, offsets, _)) in enumerate(zip(texts, encoded)):
+            jobs += [(ti, s, e) for s, e in self._chunks(offsets, t, ends)]
+        base = np.cumsum([0] + [len(ids) for ids, _, _ in encoded])
+        token_chunk = np.zeros(int(base[-1]), dtype=np.int64)
         for c, (ti, s, e) in enumerate(jobs):
-            token_chunk[ti][s:e] = c
-        order = sorted(range(len(jobs)), key=lambda k: jobs[k][2] - jobs[k][1])
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            token_chunk[base[ti] + s : base[ti] + e] = c
+        flat = self._keep_probs(jobs, encoded, base)  # on the device; not waited for yet
+        out, valids = [], []
+        for i, (t, enc) in enumerate(zip(texts, encoded)):  # word analysis overlaps the device work
+            valid, first, starts, ends_, chunks = self._words(t, enc, token_chunk[base[i] : base[i + 1]])
+            n = int(valid.sum())
+            ct = ClassifiedText(t, starts, ends_, np.zeros(len(first)), chunks, first, np.append(first[1:], n),
+                                enc[0][valid])
+            ct.words  # noqa: B018 (computed now, while the device works)
+            out.append(ct)
+            valids.append(valid)
+        probs = flat.float().cpu().numpy() if flat is not None else np.zeros(0)
+        for i, (ct, valid) in enumerate(zip(out, valids)):
+            p = probs[base[i] : base[i + 1]][valid].astype(np.float64)
+            if len(ct):
+                ct.probs = np.add.reduceat(p, ct.tok_lo) / (ct.tok_hi - ct.tok_lo)
+        return out
+
+    def _keep_probs(self, jobs, encoded, base) -> torch.Tensor | None:
+        """Every token's keep probability, in one flat device tensor: chunks batched by
+        length, inputs moved in one copy, no host sync until the caller reads it."""
+        if not jobs:
+            return None
         device = self.loaded.device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pre, suf = len(self.prefix), len(self.suffix)
+        order = sorted(range(len(jobs)), key=lambda k: jobs[k][2] - jobs[k][1])
+        batches = []
         for b in range(0, len(order), self.batch_size):
             batch = [jobs[k] for k in order[b : b + self.batch_size]]
-            width = max(e - s for _, s, e in batch) + len(self.prefix) + len(self.suffix)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            width = max(e - s for _, s, e in batch) + pre + suf
+            ids = np.full((len(batch), width), pad, dtype=np.int64)
+            mask = np.zeros((len(batch), width), dtype=np.int64)
+            rows, cols, dest = [], [], []
             for row, (ti, s, e) in enumerate(batch):
-                seq = self.prefix + encoded[ti].input_ids[s:e] + self.suffix
-                ids[row, : len(seq)] = torch.tensor(seq)
+                seq = np.concatenate([self.prefix, encoded[ti][0][s:e], self.suffix]).astype(np.int64)
+                ids[row, : len(seq)] = seq
                 mask[row, : len(seq)] = 1
-            with self.loaded.lock:
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            probs = logits.float().softmax(-1)[..., self.keep_label].cpu()
-            for row, (ti, s, e) in enumerate(batch):
-                token_probs[ti][s:e] = probs[row, len(self.prefix) : len(self.prefix) + e - s]
-        return [self._words(t, enc, p, c) for t, enc, p, c in zip(texts, encoded, token_probs, token_chunk)]
+                rows.append(np.full(e - s, row))
+                cols.append(np.arange(pre, pre + e - s))
+                dest.append(np.arange(base[ti] + s, base[ti] + e))
+            batches.append((ids, mask, np.concatenate(rows), np.concatenate(cols), np.concatenate(dest)))
+        # one host-to-device copy for all batches' inputs and gather indices
+        sizes = [x.size for b in batches for x in b]
+        moved = torch.from_numpy(np.concatenate([x.ravel() for b in batches for x in b])).to(device).split(sizes)
+        flat = torch.zeros(int(base[-1]), device=device)
+        with self.loaded.lock:
+            for k, (ids, mask, *_rest) in enumerate(batches):
+                t_ids, t_mask, t_rows, t_cols, t_dest = moved[5 * k : 5 * k + 5]
+                logits = self.model(input_ids=t_ids.view(ids.shape), attention_mask=t_mask.view(mask.shape)).logits
+                keep = logits.float().softmax(-1)[..., self.keep_label]
+                flat[t_dest] = keep[t_rows, t_cols]
+        return flat
 
     @staticmethod
-    def _words(text: str, enc, probs: torch.Tensor, chunks: torch.Tensor) -> ClassifiedText:
+    def _words(text: str, enc, chunks: np.ndarray):
         """Group sub-tokens into words by ``word_ids``; a token made only of punctuation
-        is a word of its own (so "Paris," keeps or drops its comma separately)."""
-        words: list[Word] = []
-        sums: list[list[float]] = []
-        last_wid, last_punct = None, False
-        probs, chunks, ids = probs.tolist(), chunks.tolist(), enc.input_ids  # plain lists: fast indexing
-        for k, (wid, (s, e)) in enumerate(zip(enc.word_ids(), enc.offset_mapping)):
-            piece = text[s:e]
-            s += len(piece) - len(piece.lstrip())  # byte-level BPE offsets include the leading space
-            if e <= s:
-                continue  # a whitespace-only token: layout, not a word
-            punct = not _ALNUM.search(text, s, e)
-            if not words or wid is None or wid != last_wid or punct or last_punct:
-                words.append(Word(s, e, 0.0, chunk=chunks[k]))
-                sums.append([])
-            else:
-                words[-1].end = e
-            sums[-1].append(probs[k])
-            words[-1].ids.append(ids[k])
-            last_wid, last_punct = wid, punct
-        for w, ps in zip(words, sums):
-            w.prob = sum(ps) / len(ps)
-        return ClassifiedText(text, words)
+        is a word of its own (so "Paris," keeps or drops its comma separately); a
+        whitespace-only token is layout, not a word. Returns the valid tokens' mask, each
+        word's first valid token, and the words' spans and chunks."""
+        _, offsets, wids = enc
+        if not len(offsets):
+            empty = np.zeros(0, dtype=np.int64)
+            return np.zeros(0, dtype=bool), empty, empty, empty, empty
+        space = char_flags(text, "isspace")
+        # first non-space position at or after each character (byte-level BPE offsets include the leading space)
+        pos = np.where(space, len(text), np.arange(len(text)))
+        nxt = np.append(np.minimum.accumulate(pos[::-1])[::-1], len(text))
+        s, e = offsets[:, 0], offsets[:, 1]
+        s = np.minimum(nxt[s], np.maximum(e, s))
+        valid = e > s
+        alnum = _prefix_counts(char_flags(text, "isalnum"))
+        s, e, w = s[valid], e[valid], wids[valid]
+        punct = alnum[e] == alnum[s]
+        new = np.ones(len(s), dtype=bool)
+        new[1:] = (w[1:] < 0) | (w[1:] != w[:-1]) | punct[1:] | punct[:-1]
+        new[0] = True
+        first = np.flatnonzero(new)
+        last = np.append(first[1:], len(s)) - 1
+        return valid, first, s[first], e[last], chunks[valid][first]
 
 
 def insert_newlines(ct: ClassifiedText) -> None:
-    """Add a word for each line break between words, so "\\n" can be a force token even
-    for tokenizers that treat newlines as plain whitespace."""
-    words, prev_end = [], 0
-    for w in ct.words:
-        gap = ct.text[prev_end : w.start]
-        base = prev_end
-        for m in re.finditer(r"\n", gap):
-            words.append(Word(base + m.start(), base + m.end(), 0.0, chunk=w.chunk))
-        words.append(w)
-        prev_end = w.end
-    for m in re.finditer(r"\n", ct.text[prev_end:]):
-        words.append(Word(prev_end + m.start(), prev_end + m.end(), 0.0, chunk=words[-1].chunk if words else 0))
-    ct.words = words
+    """Add a word for each line break outside the words, so "\\n" can be a force token
+    even for tokenizers that treat newlines as plain whitespace."""
+    text = ct.text
+    nl = np.flatnonzero(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32) == 10)
+    if not len(nl):
+        return
+    inside = np.searchsorted(ct.starts, nl, side="right") - 1  # the word starting at or before it
+    covered = (inside >= 0) & (nl < ct.ends[np.maximum(inside, 0)]) if len(ct) else np.zeros(len(nl), dtype=bool)
+    nl = nl[~covered]
+    if not len(nl):
+        return
+    n = len(nl)
+    nxt = np.minimum(np.searchsorted(ct.starts, nl), max(len(ct) - 1, 0))  # chunk of the next word (else the last)
+    chunk = ct.chunks[nxt] if len(ct) else np.zeros(n, dtype=np.int64)
+    empty = np.zeros(n, dtype=np.int64)
+    for name, extra in (("starts", nl), ("ends", nl + 1), ("probs", np.zeros(n)), ("chunks", chunk),
+                        ("tok_lo", empty), ("tok_hi", empty), ("forced", np.zeros(n, dtype=bool)),
+                        ("kept", np.zeros(n, dtype=bool))):
+        setattr(ct, name, np.concatenate([getattr(ct, name), extra.astype(getattr(ct, name).dtype)]))
+    ct._permute(np.argsort(ct.starts, kind="stable"))
 
 
 def mark_forced(ct: ClassifiedText, force_tokens: Sequence[str], force_digits: bool) -> None:
     forced = set(force_tokens)
-    for w in ct.words:
-        piece = ct.text[w.start : w.end]
-        if piece in forced or (force_digits and _DIGIT.search(piece)):
-            w.forced = True
+    ct.forced = np.array([w in forced for w in ct.words], dtype=bool) if forced else np.zeros(len(ct), dtype=bool)
+    if force_digits and len(ct):
+        ct.forced |= ct.any_char("isdigit")
 
 
 def prepare(texts: Sequence[ClassifiedText], force_tokens: Sequence[str], force_digits: bool) -> None:
@@ -199,61 +345,88 @@ def prepare(texts: Sequence[ClassifiedText], force_tokens: Sequence[str], force_
         mark_forced(ct, force_tokens, force_digits)
 
 
-def _salient(piece: str) -> bool:
-    """A word with a digit or a capital letter: a name, number, date or code."""
-    return any(ch.isdigit() or ch.isupper() for ch in piece)
+def _order_key(ct: ClassifiedText, prefer_salient: bool) -> np.ndarray:
+    """Higher = keep sooner: the keep probability, plus 1 for a word with a digit or a
+    capital letter (a name, number, date or code) when those are preferred."""
+    if not prefer_salient or not len(ct):
+        return ct.probs
+    return ct.probs + (ct.any_char("isdigit") | ct.any_char("isupper"))
 
 
-def _order_key(ct: ClassifiedText, w: Word, prefer_salient: bool) -> float:
-    """Higher = keep sooner: the keep probability, names and numbers first when preferred."""
-    return w.prob + (1.0 if prefer_salient and _salient(ct.text[w.start : w.end]) else 0.0)
+def count_distinct(words: Sequence[str], count: Callable[[str], int], space: int = 0) -> np.ndarray:
+    """Target-LLM tokens of each word, counted once per distinct word (at least 1;
+    ``space`` for a whitespace-only word); a ``TokenCounter`` remembers them across calls."""
+    distinct = list(dict.fromkeys(words))
+    many = getattr(count, "words", None)
+    counted = many(distinct) if many is not None else [count(w) for w in distinct]
+    known = {w: space if w.isspace() else max(1, n) for w, n in zip(distinct, counted)}
+    return np.fromiter((known[w] for w in words), dtype=np.int64, count=len(words))
 
 
-def fit_total(texts: Sequence[ClassifiedText], sizes: Sequence[list[int]], budget: float, prefer_salient: bool,
+def greedy_take(sizes: np.ndarray, room: float, first_always: bool = False) -> np.ndarray:
+    """Which items (already in preference order) a greedy fill takes: each item that still
+    fits in ``room``, skipping those that do not, until the room is spent. With
+    ``first_always``, the first item is taken even when it alone is too big."""
+    take = np.zeros(len(sizes), dtype=bool)
+    if not len(sizes):
+        return take
+    prefix = np.cumsum(sizes)
+    k = int(np.searchsorted(prefix, room, side="right"))  # the prefix that fits
+    if first_always and k == 0:
+        k = 1
+    take[:k] = True
+    spent = float(prefix[k - 1]) if k else 0.0
+    for j in range(k, len(sizes)):  # the rest: a short scan for items that still fit
+        if spent >= room:
+            break
+        if spent + sizes[j] <= room:
+            take[j] = True
+            spent += sizes[j]
+    return take
+
+
+def fit_total(texts: Sequence[ClassifiedText], sizes: Sequence[np.ndarray], budget: float, prefer_salient: bool,
               tolerance: float = 0.05) -> None:
     """Move the kept words of all texts together to within ``tolerance`` of ``budget``
     target-LLM tokens: per-text rates (shifted by rank) can add up to more or less than the
     call's budget. Drops the least probable kept words, or restores the most probable dropped."""
-    pool = [(ct, w, n) for ct, ws in zip(texts, sizes) for w, n in zip(ct.words, ws) if not w.forced and n > 0]
-    spent = sum(n for ct, ws in zip(texts, sizes) for w, n in zip(ct.words, ws) if w.kept)
+    if not texts:
+        return
+    key = np.concatenate([_order_key(ct, prefer_salient) for ct in texts])
+    size = np.concatenate(sizes).astype(np.float64)
+    kept = np.concatenate([ct.kept for ct in texts])
+    pool = ~np.concatenate([ct.forced for ct in texts]) & (size > 0)
+    spent = float(size[kept].sum())
     if spent > budget * (1 + tolerance):
-        for ct, w, n in sorted((x for x in pool if x[1].kept), key=lambda x: _order_key(x[0], x[1], prefer_salient)):
-            if spent <= budget:
-                break
-            w.kept, spent = False, spent - n
+        cand = np.flatnonzero(pool & kept)
+        cand = cand[np.argsort(key[cand], kind="stable")]  # least probable first
+        excess = np.cumsum(size[cand])
+        k = int(np.searchsorted(excess, spent - budget, side="left")) + 1  # drop until within budget
+        kept[cand[:k]] = False
     elif spent < budget * (1 - tolerance):
-        for ct, w, n in sorted((x for x in pool if not x[1].kept), key=lambda x: -_order_key(x[0], x[1], prefer_salient)):
-            if spent + n > budget:
-                continue
-            w.kept, spent = True, spent + n
+        cand = np.flatnonzero(pool & ~kept)
+        cand = cand[np.argsort(-key[cand], kind="stable")]  # most probable first
+        kept[cand[greedy_take(size[cand], budget - spent)]] = True
+    bounds = np.cumsum([0] + [len(ct) for ct in texts])
+    for ct, a, b in zip(texts, bounds[:-1], bounds[1:]):
+        ct.kept = kept[a:b]
 
 
 def select_words(texts: Sequence[ClassifiedText], rates: Sequence[float], count,
-                 prefer_salient: bool = False) -> list[list[int]]:
+                 prefer_salient: bool = False) -> list[np.ndarray]:
     """Keep, per text, the most probable words until ``rate`` of its target-LLM tokens
     (forced words first, and counted). With ``prefer_salient``, names and numbers are
-    taken before any other word, budget permitting. Sets ``Word.kept``; returns each
-    word's target-LLM tokens."""
+    taken before any other word, budget permitting. Sets ``kept``; returns each word's
+    target-LLM tokens."""
     all_sizes = []
     for ct, rate in zip(texts, rates):
-        known: dict[str, int] = {}
-        sizes = []
-        for w in ct.words:
-            piece = ct.text[w.start : w.end]
-            if piece not in known:
-                known[piece] = 0 if piece.isspace() else max(1, count(piece))
-            sizes.append(known[piece])
+        sizes = count_distinct(ct.words, count)
         all_sizes.append(sizes)
-        budget = rate * sum(sizes)
-        for w in ct.words:
-            w.kept = w.forced
-        spent = sum(s for w, s in zip(ct.words, sizes) if w.kept)
-        candidates = [i for i, w in enumerate(ct.words) if not w.forced and sizes[i] > 0]  # not bare line breaks
-        for i in sorted(candidates, key=lambda i: -_order_key(ct, ct.words[i], prefer_salient)):
-            if spent + sizes[i] > budget and spent > 0:
-                if spent >= budget:
-                    break
-                continue
-            ct.words[i].kept = True
-            spent += sizes[i]
+        budget = rate * float(sizes.sum())
+        kept = ct.forced.copy()
+        spent = float(sizes[kept].sum())
+        cand = np.flatnonzero(~ct.forced & (sizes > 0))  # not bare line breaks
+        cand = cand[np.argsort(-_order_key(ct, prefer_salient)[cand], kind="stable")]
+        kept[cand[greedy_take(sizes[cand], budget - spent, first_always=spent == 0)]] = True
+        ct.kept = kept
     return all_sizes

@@ -18,6 +18,8 @@ from typing import Callable, Sequence, Union
 TokenCounterLike = Union[str, Callable[[str], int], "TokenCounter", None]
 
 DEFAULT_ENCODING = "cl100k_base"
+WORD_MEMO = 200_000  # distinct words whose counts a counter remembers
+PARALLEL_CHARS = 20_000  # mean text length from which batch encoding in threads pays off
 
 
 _URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
@@ -86,8 +88,9 @@ class TokenCounter:
 
     def __init__(self, spec: TokenCounterLike = None) -> None:
         self._batch = None
+        self._memo: dict[str, int] = {}  # word counts: a vocabulary repeats from call to call
         if isinstance(spec, TokenCounter):
-            self._count, self._batch, self.name = spec._count, spec._batch, spec.name
+            self._count, self._batch, self.name, self._memo = spec._count, spec._batch, spec.name, spec._memo
         elif spec is None or isinstance(spec, str):
             name = spec or DEFAULT_ENCODING
             enc = _encoding(name)
@@ -108,10 +111,24 @@ class TokenCounter:
         return n
 
     def many(self, texts: Sequence[str]) -> list[int]:
-        """Counts of many texts (tiktoken encodes them in parallel threads)."""
-        if self._batch is not None and len(texts) > 1:
+        """Counts of many texts. Long texts are encoded in parallel threads; short ones
+        one by one (a thread per text costs more than encoding a word or a passage)."""
+        if self._batch is not None and len(texts) > 1 and sum(map(len, texts)) >= PARALLEL_CHARS * len(texts):
             return self._batch(list(texts))
         return [self(t) for t in texts]
+
+    def words(self, words: Sequence[str]) -> list[int]:
+        """Counts of short strings such as words, remembered (bounded) across calls."""
+        memo = self._memo
+        if len(memo) > WORD_MEMO:
+            memo.clear()
+        out = []
+        for w in words:
+            n = memo.get(w)
+            if n is None:
+                n = memo[w] = self(w)
+            out.append(n)
+        return out
 
     def __repr__(self) -> str:
         return f"TokenCounter({self.name!r})"

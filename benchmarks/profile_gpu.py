@@ -1,0 +1,108 @@
+"""Where the time goes on a GPU: cProfile of our hot paths (no reference run).
+
+Diagnostics for issue 5, not a benchmark of record: for the SmolLM2 and Llama-2-7B shapes
+(random weights, real tokenizer, NQ passages, as ``benchmarks/speed.py``) it times and
+profiles the drop-in and default-mode calls, counts device passes and tokens, and profiles
+LLMLingua-2 on the XLM-R-large shape against its encoder alone::
+
+    python benchmarks/profile_gpu.py --assets .cache/gpu --out $OUT/profile [--shapes smollm2-135m-shape]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402
+
+from lingua_integrations import CompressionEngine  # noqa: E402
+from lingua_integrations.compat import PromptCompressor  # noqa: E402
+from lingua_integrations.models import ModelRegistry  # noqa: E402
+
+
+def profiled(label: str, fn, out: Path, repeats: int = 3, top: int = 35) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t) / repeats
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    with open(out / "profiles.txt", "a") as f:  # one file: the device returns few files
+        f.write(f"==== {label}: {seconds:.4f} s\n{buf.getvalue()}\n")
+    print(f"{label}: {seconds:.4f} s", flush=True)
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--assets", default=".cache/gpu")
+    ap.add_argument("--out", default="benchmarks/results/profile")
+    ap.add_argument("--shapes", nargs="*", default=list(speed.SHAPES))
+    ap.add_argument("--docs", nargs="*", type=int, default=[20, 60])
+    ap.add_argument("--llmlingua2", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    assets = Path(args.assets)
+    docs, questions = speed.load_passages(assets / "data" / "nq-open-oracle-dev.jsonl.gz")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets / "smol-tok")
+    q = questions[0]
+    for shape in args.shapes:
+        speed.build_causal(speed.SHAPES[shape], tok, shape)
+        pc = PromptCompressor(shape, device_map="cuda")
+        engine = pc.engine
+        runner = engine.loaded.scoring_queue().runner
+        for nd in args.docs:
+            for method, kw in (("llmlingua", {"rate": 0.3}), ("longllmlingua", {"question": q, "rate": 0.3, **speed.LONG})):
+                passes = runner.forward_passes
+                profiled(f"{shape}-{method}-{nd}-dropin", lambda: pc.compress_prompt(docs[:nd], **kw), out)
+                print(f"  forward passes per call: {(runner.forward_passes - passes) / 5:.1f}", flush=True)
+                dkw = {"question": q} if method == "longllmlingua" else {}
+                profiled(f"{shape}-{method}-{nd}-default",
+                         lambda: engine.compress(docs[:nd], method=method, rate=0.3, **dkw), out)
+        if shape.startswith("smollm2"):
+            jobs = [(docs[20 * k : 20 * k + 20], questions[20 * k]) for k in range(16)]
+            profiled(f"{shape}-16-sequential-default",
+                     lambda: [engine.compress(d, question=qq, rate=0.33) for d, qq in jobs], out, repeats=1, top=60)
+        pc = engine = None
+        ModelRegistry.clear()
+        CompressionEngine._shared.clear()
+        torch.cuda.empty_cache()
+    if args.llmlingua2:
+        from transformers import BertConfig, BertForTokenClassification
+
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            enc = BertForTokenClassification(BertConfig(vocab_size=30522, hidden_size=1024, num_hidden_layers=24,
+                                                        num_attention_heads=16, intermediate_size=4096, num_labels=2))
+        enc = enc.to(torch.bfloat16)
+        ModelRegistry.register("xlmr-large-shape", enc, AutoTokenizer.from_pretrained(assets / "minilm"),
+                               kind="token-classification")
+        pc2 = PromptCompressor("xlmr-large-shape", device_map="cuda", use_llmlingua2=True)
+        big = "\n\n".join(docs[:300])
+        profiled("llmlingua2-33k", lambda: pc2.compress_prompt(big, rate=0.33, force_tokens=["\n", "?"]), out)
+        ids = torch.randint(1000, 30000, (80, 512), device="cuda")
+        with torch.inference_mode():
+            profiled("encoder-80x512", lambda: enc(input_ids=ids).logits.sum().item(), out)
+
+
+if __name__ == "__main__":
+    main()
