@@ -50,7 +50,6 @@ def _reference_select(ct: ClassifiedText, reduce_rate: float, count, drop_consec
         ct.kept = np.ones(len(ct), dtype=bool)
         return
     probs = np.where(ct.forced, 1.0, ct.probs)
-    words = ct.words
     texts = _model_views(ct, tokenizer)
     sizes = count_distinct(texts, count, space=1)
     kept = np.zeros(len(ct), dtype=bool)
@@ -248,8 +247,8 @@ class PromptCompressor:
 
         origin_tokens = self.oai_count(SEPARATOR.join([instruction] + contexts + [question]).strip())
         self.engine.check_input_size(origin_tokens)
-        lengths = [self.get_token_length(c) for c in contexts]
-        fixed_instruction, fixed_question = self.get_token_length(instruction), self.get_token_length(question)
+        *lengths, fixed_instruction, fixed_question = map(len, self.scorer.encode_many([*contexts, instruction, question],
+                                                                                    special=True))
         if target_token == -1:
             target_token = (fixed_instruction + fixed_question + sum(lengths)) * rate - fixed_instruction - (
                 fixed_question if concate_question else 0)
@@ -362,7 +361,7 @@ class PromptCompressor:
         if prefix is not None:
             start = next((p for p, o in enumerate(layout.owner) if o >= 1), len(layout.ids))
         if spans is None:
-            estimated = [self.get_token_length(c, add_special_tokens=False) + 2 for c in contexts]
+            estimated = [len(ids) + 2 for ids in self.scorer.encode_many(contexts)]
             tau = target_token / (sum(estimated) + 1)
             plan = bc.reference_plan(estimated, tau, deltas, window)
         else:

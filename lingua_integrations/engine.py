@@ -12,7 +12,6 @@ included, lives in :mod:`.compat`.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import functools
 import hashlib
@@ -22,6 +21,7 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Literal, Sequence
 
+import numpy as np
 import torch
 
 from . import budget as bc
@@ -175,15 +175,28 @@ class _Layout:
             pos += len(p)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         offsets = [tuple(o) for o in enc.offset_mapping]
-        starts = [ps for ps, _ in spans]
-        owner = []
-        for s, e in offsets:
-            # the first piece the token overlaps (pieces are sorted and disjoint)
-            i = max(0, bisect.bisect_right(starts, s) - 1)
-            while i < len(spans) and spans[i][1] <= s and not (s == e == spans[i][0]):
-                i += 1
-            owner.append(i if i < len(spans) and s < spans[i][1] and e > spans[i][0] else -1)
-        return cls(list(enc.input_ids), owner, spans, offsets, token_units(text, offsets, granularity), text)
+        return cls(list(enc.input_ids), _owners(spans, offsets), spans, offsets, token_units(text, offsets, granularity),
+                   text)
+
+
+def _owners(spans: list[tuple[int, int]], offsets: list[tuple[int, int]]) -> list[int]:
+    """The piece each token overlaps first (pieces sorted and disjoint), -1 for a token in a
+    separator only. A token that starts at or after its piece's end moves to the next piece."""
+    if not offsets or not spans:
+        return [-1] * len(offsets)
+    starts, ends = (np.asarray(x, dtype=np.int64) for x in zip(*spans))
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    s, e = off[:, 0], off[:, 1]
+    i = np.maximum(0, np.searchsorted(starts, s, side="right") - 1)
+    n = len(spans)
+    while True:  # past empty pieces (usually one step at most)
+        j = np.minimum(i, n - 1)
+        move = (i < n) & (ends[j] <= s) & ~((s == e) & (s == starts[j]))
+        if not move.any():
+            break
+        i = i + move
+    j = np.minimum(i, n - 1)
+    return np.where((i < n) & (s < ends[j]) & (e > starts[j]), i, -1).tolist()
 
 
 class CompressionEngine:
@@ -635,54 +648,56 @@ class CompressionEngine:
 
     def _fit_budget(self, layout: _Layout, owner_ctx: list[int], kept: set[int], scores: torch.Tensor,
                     force: list[bool], context_target: float, used: list[int], salient: set[int] = frozenset()
-                    ) -> set[int]:
+                    ) -> np.ndarray:
         """Turn ITPC's kept tokens into kept units, then nudge them until the contexts'
         target-LLM tokens are within ``RATE_TOLERANCE`` of the budget: drop the
         lowest-scored kept units or restore the highest-scored dropped ones. A unit
         scores as its best token (a word matters if any piece of it is informative).
-        A few rounds suffice (at most 8): each round re-measures. Returns the kept unit numbers."""
-        members: dict[int, list[int]] = {}
-        for p, o in enumerate(owner_ctx):
-            if o >= 0:
-                members.setdefault(layout.unit[p], []).append(p)
-        values = scores.tolist()
-        score = {u: max((values[p] for p in ps if not math.isnan(values[p])), default=math.nan)
-                 + (1e6 if u in salient else 0.0) for u, ps in members.items()}
-        forced = {u for u, ps in members.items() if any(force[p] for p in ps)}
-        kept_units = {layout.unit[p] for p in kept} | forced | {layout.unit[p] for p, o in enumerate(owner_ctx) if o < 0}
-        if not members or context_target <= 0:
+        A few rounds suffice (at most 8): each round re-measures. Returns a kept flag per unit."""
+        unit = np.asarray(layout.unit, dtype=np.int64)
+        owner = np.asarray(owner_ctx, dtype=np.int64)
+        n_units = int(unit.max()) + 1 if len(unit) else 0
+        in_ctx = owner >= 0
+        members = np.bincount(unit[in_ctx], minlength=n_units)  # context tokens per unit
+        values = scores.numpy().astype(np.float64)[in_ctx]
+        known = ~np.isnan(values)
+        score = np.full(n_units, -np.inf)
+        np.maximum.at(score, unit[in_ctx][known], values[known])
+        score[np.bincount(unit[in_ctx][known], minlength=n_units) == 0] = np.nan  # never scored
+        if salient:
+            score[list(salient)] += 1e6
+        forced = np.bincount(unit[in_ctx], weights=np.asarray(force, dtype=np.float64)[in_ctx], minlength=n_units) > 0
+        kept_units = forced.copy()
+        kept_units[unit[sorted(kept)]] = True
+        kept_units[unit[~in_ctx]] = True
+        if not members.any() or context_target <= 0:
             return kept_units
         for _ in range(8):
             texts = self._decode(layout, owner_ctx, kept_units, used)
             achieved = sum(self.count(t) for t in texts.values() if t)
             if achieved and abs(achieved - context_target) <= RATE_TOLERANCE * context_target:
                 break
-            kept_small = sum(len(ps) for u, ps in members.items() if u in kept_units)
-            per = kept_small / achieved if achieved else 1.0
+            per = int(members[kept_units].sum()) / achieved if achieved else 1.0
             change = (context_target - achieved) * per  # small-LM tokens to add (+) or remove (-)
             if change < 0:
-                pool = sorted((u for u in members if u in kept_units and u not in forced and not math.isnan(score[u])),
-                              key=lambda u: score[u])
+                pool = np.flatnonzero((members > 0) & kept_units & ~forced & ~np.isnan(score))
+                pool = pool[np.argsort(score[pool], kind="stable")]
             else:
-                pool = sorted((u for u in members if u not in kept_units and not math.isnan(score[u])),
-                              key=lambda u: -score[u])
-            moved = 0
-            for u in pool:
-                if moved >= abs(change):
-                    break
-                (kept_units.discard if change < 0 else kept_units.add)(u)
-                moved += len(members[u])
-            if not moved:
+                pool = np.flatnonzero((members > 0) & ~kept_units & ~np.isnan(score))
+                pool = pool[np.argsort(-score[pool], kind="stable")]
+            # move units, best candidates first, until |change| small-LM tokens have moved
+            k = min(len(pool), int(np.searchsorted(np.cumsum(members[pool]), abs(change), side="left")) + 1)
+            if change == 0 or k == 0:
                 break
+            kept_units[pool[:k]] = change > 0
         return kept_units
 
-    def _decode(self, layout: _Layout, owner_ctx: list[int], kept_units: set[int], used: list[int]) -> dict[int, str]:
+    def _decode(self, layout: _Layout, owner_ctx: list[int], kept_units: np.ndarray, used: list[int]) -> dict[int, str]:
         """Per-context text of the tokens of the kept units."""
-        by_ctx: dict[int, list[int]] = {i: [] for i in used}
-        for p, o in enumerate(owner_ctx):
-            if o >= 0 and layout.unit[p] in kept_units:
-                by_ctx[o].append(layout.ids[p])
-        return {i: self.scorer.decode(ids).strip() for i, ids in by_ctx.items()}
+        owner = np.asarray(owner_ctx, dtype=np.int64)
+        ids = np.asarray(layout.ids, dtype=np.int64)
+        keep = (owner >= 0) & kept_units[np.asarray(layout.unit, dtype=np.int64)] if len(ids) else owner >= 0
+        return {i: self.scorer.decode(ids[keep & (owner == i)].tolist()).strip() for i in used}
 
     def _assemble(self, contexts, texts, lengths, compressed, used, ranks, scores, instruction, question,
                   origin, target, method) -> CompressionResult:

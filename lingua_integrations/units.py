@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from typing import Literal, Sequence
 
+import numpy as np
+
 from .lexical import STOPWORDS
 
 Granularity = Literal["word", "token"]
@@ -39,6 +41,22 @@ def word_spans(text: str) -> list[tuple[int, int]]:
     return [m.span() for m in _UNIT.finditer(text)]
 
 
+def _token_words(text: str, s: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """The word (index into :func:`word_spans`) each token starts in or first covers; -1 for none."""
+    owner = np.full(len(text) + 1, -1, dtype=np.int64)
+    spans = np.asarray(word_spans(text), dtype=np.int64).reshape(-1, 2)
+    if len(spans):
+        lengths = spans[:, 1] - spans[:, 0]
+        positions = np.repeat(spans[:, 0] - np.cumsum(np.concatenate([[0], lengths[:-1]])), lengths) + np.arange(
+            lengths.sum())
+        owner[positions] = np.repeat(np.arange(len(spans)), lengths)
+    # first owned character at or after each position
+    pos = np.where(owner >= 0, np.arange(len(owner)), len(owner))
+    first_owned = np.minimum.accumulate(pos[::-1])[::-1]
+    hit = first_owned[np.minimum(s, len(text))]
+    return np.where(hit < np.minimum(e, len(text)), owner[np.minimum(hit, len(text))], -1)
+
+
 def token_units(text: str, offsets: Sequence[tuple[int, int]], granularity: Granularity = "word") -> list[int]:
     """Unit number of each token (by its character ``offsets`` in ``text``).
 
@@ -46,52 +64,50 @@ def token_units(text: str, offsets: Sequence[tuple[int, int]], granularity: Gran
     """
     if granularity not in ("word", "token"):
         raise ValueError(f"granularity must be 'word' or 'token', got {granularity!r}")
-    units: list[int] = []
+    if not len(offsets):
+        return []
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    s, e = off[:, 0], off[:, 1]
+    # a token starting at or after the end of every earlier token begins a new character
+    last_end = np.concatenate([[-1], np.maximum.accumulate(e)[:-1]])
+    new_char = s >= last_end
     if granularity == "token":
-        current, last_end = -1, -1
-        for s, e in offsets:
-            if s >= last_end:  # starts after every earlier token: a new character
-                current += 1
-            units.append(current)
-            last_end = max(last_end, e)
-        return units
-    owner = [-1] * len(text)
-    for w, (s, e) in enumerate(word_spans(text)):
-        owner[s:e] = [w] * (e - s)
-    words = [next((owner[p] for p in range(s, min(e, len(text))) if owner[p] >= 0), None) for s, e in offsets]
+        return (np.cumsum(new_char) - 1).tolist()
+    words = _token_words(text, s, e)
     # a space-only token belongs to the word after it, so dropping "1889" in
-    # "completed 1889" cannot leave "completed " + nothing, nor keep the space alone
-    following = None
-    for t in range(len(offsets) - 1, -1, -1):
-        s, e = offsets[t]
-        if words[t] is None and following is not None and "\n" not in text[s:e]:
-            words[t] = following
-        following = words[t]
-    current, previous_word, last_end = -1, None, -1
-    for (s, e), word in zip(offsets, words):
-        if word is None:  # a line break (or an empty span): its own unit, unless it shares a character
-            if s >= last_end:
-                current += 1
-            previous_word = None
-        elif word != previous_word:
-            current += 1
-            previous_word = word
-        units.append(current)
-        last_end = max(last_end, e)
-    return units
+    # "completed 1889" cannot leave "completed " + nothing, nor keep the space alone;
+    # a line break stays a unit of its own
+    newline = _prefix(text, "\n")
+    has_newline = newline[np.minimum(e, len(text))] > newline[np.minimum(s, len(text))]
+    fillable = (words < 0) & ~has_newline
+    n = len(words)
+    nxt = np.where(fillable, n, np.arange(n))
+    source = np.minimum.accumulate(nxt[::-1])[::-1]  # the next token that is not fillable
+    words = np.where(fillable, np.append(words, -1)[source], words)
+    prev = np.concatenate([[-1], words[:-1]])
+    new_unit = np.where(words < 0, new_char, (prev < 0) | (words != prev))
+    return (np.cumsum(new_unit) - 1).tolist()
+
+
+def _prefix(text: str, ch: str) -> np.ndarray:
+    """How many ``ch`` precede each position of ``text`` (length ``len(text) + 1``)."""
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32) == ord(ch)
+    return np.concatenate([[0], np.cumsum(codes, dtype=np.int64)])
 
 
 def salient_units(text: str, offsets: Sequence[tuple[int, int]], units: Sequence[int]) -> set[int]:
     """Units that look like what a reader must copy: a word with a digit, or with a
     capital letter that is not just a capitalised function word ("The", "In")."""
-    spelled: dict[int, str] = {}
+    spelled: dict[int, list[str]] = {}
     for (s, e), u in zip(offsets, units):
-        spelled[u] = spelled.get(u, "") + text[s:e]
+        spelled.setdefault(u, []).append(text[s:e])
     salient = set()
-    for u, word in spelled.items():
-        word = word.strip()
-        if any(ch.isdigit() for ch in word):
+    for u, parts in spelled.items():
+        word = "".join(parts).strip()
+        # (isalpha / islower first: cheap exits for the common plain lower-case word)
+        if not word.isalpha() and any(ch.isdigit() for ch in word):
             salient.add(u)
-        elif any(ch.isupper() for ch in word) and word.strip(".,;:!?()\"'").lower() not in STOPWORDS:
+        elif (not word.islower() and any(ch.isupper() for ch in word)
+              and word.strip(".,;:!?()\"'").lower() not in STOPWORDS):
             salient.add(u)
     return salient
