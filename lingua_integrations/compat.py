@@ -76,18 +76,12 @@ def _reference_select(ct: ClassifiedText, reduce_rate: float, count, drop_consec
 def _model_views(ct: ClassifiedText, tokenizer) -> list[str]:
     """Each word as the model sees it, worked out once per distinct (word, first sub-token)."""
     ids, lo, hi = ct.token_ids.tolist(), ct.tok_lo.tolist(), ct.tok_hi.tolist()
-    firsts = ct.token_ids[np.minimum(ct.tok_lo, max(len(ids) - 1, 0))].tolist() if ids else [0] * len(lo)
-    seen: dict[tuple[str, int], str] = {}
-    out = []
-    for w, a, b, f in zip(ct.words, lo, hi, firsts):
-        if b <= a:
-            out.append(w)  # an inserted line break: no sub-tokens
-            continue
-        view = seen.get((w, f))
-        if view is None:
-            view = seen[(w, f)] = _model_view(tokenizer, tuple(ids[a:b]))
-        out.append(view)
-    return out
+    firsts = np.where(ct.tok_hi > ct.tok_lo, ct.token_ids[np.minimum(ct.tok_lo, max(len(ids) - 1, 0))]
+                      if ids else -1, -1).tolist()
+    keys = list(zip(ct.words, firsts))
+    where = dict(zip(keys, zip(lo, hi)))  # one occurrence of each distinct key
+    views = {k: k[0] if k[1] < 0 else _model_view(tokenizer, tuple(ids[a:b])) for k, (a, b) in where.items()}
+    return list(map(views.__getitem__, keys))
 
 
 @functools.lru_cache(maxsize=65536)

@@ -18,6 +18,7 @@ parallel, and the per-word analysis runs on the CPU while the device classifies.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import Callable, Sequence
 
 import numpy as np
@@ -116,17 +117,14 @@ class ClassifiedText:
             same = np.array([words[a] == words[b] for a, b in zip(idx[1:].tolist(), idx[:-1].tolist())], dtype=bool)
             drop = np.concatenate([[False], f[1:] & f[:-1] & same])
             idx = idx[~drop]
-        space = np.array([words[k].isspace() for k in idx.tolist()], dtype=bool)
-        adjacent = idx[1:] == idx[:-1] + 1
-        ends, starts, text = self.ends[idx[:-1]].tolist(), self.starts[idx[1:]].tolist(), self.text
-        out = [words[idx[0]]]
-        for k, (adj, join_space) in enumerate(zip(adjacent.tolist(), (~(space[1:] | space[:-1])).tolist())):
-            if adj:
-                out.append(text[ends[k] : starts[k]])
-            elif join_space:
-                out.append(" ")
-            out.append(words[idx[k + 1]])
-        return "".join(out).strip(" ")
+        pieces = [words[k] for k in idx.tolist()]
+        space = np.fromiter(map(str.isspace, pieces), dtype=bool, count=len(pieces))
+        adjacent = (idx[1:] == idx[:-1] + 1).tolist()
+        join_space = (~(space[1:] | space[:-1])).tolist()
+        text = self.text
+        gaps = [text[a:b] if adj else " " if js else ""
+                for a, b, adj, js in zip(self.ends[idx[:-1]].tolist(), self.starts[idx[1:]].tolist(), adjacent, join_space)]
+        return (pieces[0] + "".join(chain.from_iterable(zip(gaps, pieces[1:])))).strip(" ")
 
 
 def _pieces(text: str, size: int = PIECE_CHARS) -> list[int]:
@@ -173,9 +171,11 @@ class TokenClassifier:
                              return_offsets_mapping=True)
         parts: list[list] = [[] for _ in texts]
         for j, (ti, s, _) in enumerate(jobs):
-            ids = np.asarray(enc["input_ids"][j], dtype=np.int64)
-            offsets = np.asarray(enc["offset_mapping"][j], dtype=np.int64).reshape(-1, 2) + s
-            wids = np.asarray([-1 if w is None else w for w in enc.word_ids(j)], dtype=np.int64)
+            n = len(enc["input_ids"][j])
+            ids = np.fromiter(enc["input_ids"][j], dtype=np.int64, count=n)
+            offsets = np.fromiter(chain.from_iterable(enc["offset_mapping"][j]), dtype=np.int64,
+                                  count=2 * n).reshape(-1, 2) + s
+            wids = np.fromiter((-1 if w is None else w for w in enc.word_ids(j)), dtype=np.int64, count=n)
             parts[ti].append((ids, offsets, wids))
         out = []
         for pieces in parts:
@@ -360,7 +360,7 @@ def count_distinct(words: Sequence[str], count: Callable[[str], int], space: int
     many = getattr(count, "words", None)
     counted = many(distinct) if many is not None else [count(w) for w in distinct]
     known = {w: space if w.isspace() else max(1, n) for w, n in zip(distinct, counted)}
-    return np.fromiter((known[w] for w in words), dtype=np.int64, count=len(words))
+    return np.fromiter(map(known.__getitem__, words), dtype=np.int64, count=len(words))
 
 
 def greedy_take(sizes: np.ndarray, room: float, first_always: bool = False) -> np.ndarray:
