@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", default=list(speed.SHAPES))
     ap.add_argument("--docs", nargs="*", type=int, default=[20, 60])
     ap.add_argument("--llmlingua2", action="store_true")
+    ap.add_argument("--compare-static", action="store_true", help="static-cache graphs vs the dynamic cache")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,6 +79,28 @@ def main() -> None:
                 dkw = {"question": q} if method == "longllmlingua" else {}
                 profiled(f"{shape}-{method}-{nd}-default",
                          lambda: engine.compress(docs[:nd], method=method, rate=0.3, **dkw), out)
+        if args.compare_static and engine.scorer.kv_cache:
+            # the static-cache/graph path against the dynamic cache: same outputs? how much faster?
+            from lingua_integrations.kv_graphs import StaticPool
+
+            sc = engine.scorer
+            static_pool = sc.static
+            print(f"  static path enabled after the runs: {static_pool.enabled}", flush=True)
+            for nd in args.docs:
+                for method, kw in (("llmlingua", {"rate": 0.3}),
+                                   ("longllmlingua", {"question": q, "rate": 0.3, **speed.LONG})):
+                    outs, times = [], []
+                    for pool in (static_pool, StaticPool(sc.model, sc.loaded.lock, 1, 0, enabled=False)):
+                        sc.static = pool
+                        pc.compress_prompt(docs[:nd], **kw)
+                        torch.cuda.synchronize()
+                        t = time.perf_counter()
+                        outs.append(pc.compress_prompt(docs[:nd], **kw)["compressed_prompt"])
+                        torch.cuda.synchronize()
+                        times.append(time.perf_counter() - t)
+                    sc.static = static_pool
+                    print(f"  {method} {nd} docs: static {times[0]:.3f} s, dynamic {times[1]:.3f} s, "
+                          f"kept-word F1 {speed.words_f1(outs[0], outs[1]):.4f}", flush=True)
         if shape.startswith("smollm2"):
             jobs = [(docs[20 * k : 20 * k + 20], questions[20 * k]) for k in range(16)]
             profiled(f"{shape}-16-sequential-default",

@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 
 from .contrastive import contrastive_scores
+from .kv_graphs import StaticUnavailable
 from .scoring import CausalScorer
 
 
@@ -56,8 +57,28 @@ class _Stream:
         self.v = torch.full((len(ids),), math.nan)
         self.shift = shift
         self.cache = None
+        # a big model on a GPU: a static cache with captured graphs (None: the dynamic cache)
+        self.static = scorer.static_windows(len(ids)) if scorer.kv_cache else None
         self.offset = 0  # first position the model sees (long inputs slide this forward)
         self.cached = 0  # positions offset .. offset+cached-1 are in the cache
+
+    def close(self) -> None:
+        """Give the static cache back for the next call."""
+        self.scorer.release_static(self.static)
+        self.static = None
+
+    def _score(self, view: torch.Tensor) -> torch.Tensor:
+        """Surprisal of ``view[cached+1:]`` given the cached positions (may reset ``cached``)."""
+        if self.static is not None:
+            try:
+                return self.static.surprisal(view[self.cached :], self.cached)
+            except StaticUnavailable as exc:
+                if exc.permanent:
+                    self.scorer.disable_static()
+                self.close()
+                self.cache, self.cached = None, 0  # the dynamic cache starts empty
+        loss, self.cache = self.scorer.surprisal(view, self.cache, self.cached)
+        return loss
 
     def _write(self, first: int, loss: torch.Tensor) -> None:
         p = first + self.shift
@@ -83,11 +104,15 @@ class _Stream:
         todo = self.view(end, keep)
         if todo is not None:
             _, view = todo
-            loss, self.cache = self.scorer.surprisal(view, self.cache, self.cached)
+            loss = self._score(view)
             self._write(self.offset + self.cached, loss)
             self.cached = len(view)
-        self.cache = _crop(self.cache, keep - self.offset)
-        self.cached = max(0, min(self.cached, keep - self.offset)) if self.cache is not None else 0
+        if self.static is None:
+            self.cache = _crop(self.cache, keep - self.offset)
+            if self.cache is None:
+                self.cached = 0
+        # a static cache needs no cropping: the next window is written from position `cached`
+        self.cached = max(0, min(self.cached, keep - self.offset))
 
     def keep(self, mask: torch.Tensor) -> None:
         self.ids = self.ids[mask]
@@ -171,12 +196,23 @@ def iterative_compress(
     shift = 0 if reference else 1
     main = _Stream(scorer, ids_t, shift)
     plain = _Stream(scorer, ids_t[start:], shift) if contrastive else None
-    origin = torch.arange(n0)
     forced = force_keep.clone().bool() if force_keep is not None else torch.zeros(n0, dtype=torch.bool)
     preferred = priority.clone().bool() if priority is not None else torch.zeros(n0, dtype=torch.bool)
-    judged = torch.full((n0,), math.nan)
 
     end = min(window + start, n0) if reference else window + start
+    try:
+        return _compress_windows(plan, main, plain, start, window, reference, end, n0, forced, preferred)
+    finally:
+        main.close()
+        if plain is not None:
+            plain.close()
+
+
+def _compress_windows(plan, main: _Stream, plain: _Stream | None, start: int, window: int, reference: bool,
+                      end: int, n0: int, forced: torch.Tensor, preferred: torch.Tensor) -> ITPCResult:
+    """The window loop of :func:`iterative_compress`."""
+    origin = torch.arange(n0)
+    judged = torch.full((n0,), math.nan)
     for idx, pieces in enumerate(plan):
         n = len(main.ids)
         if (reference and end > n) or (not reference and end - window >= n):

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from .kv_graphs import StaticPool
 from .models import LoadedModel
 
 
@@ -30,10 +31,12 @@ class CausalScorer:
             streams) share one device batch and one captured CUDA graph.
         queue: ``"auto"``: on a GPU, scoring requests go through the model's
             :class:`~.serving.ScoringQueue`, batched with concurrent callers.
+        static: ``"auto"``: when ITPC extends a KV cache on a GPU, it does so in a static
+            cache with a captured CUDA graph per window size (:mod:`.kv_graphs`).
     """
 
     def __init__(self, loaded: LoadedModel, batch_size: int = 8, kv_cache: bool | str = "auto",
-                 queue: bool | str = "auto") -> None:
+                 queue: bool | str = "auto", static: bool | str = "auto") -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -43,6 +46,21 @@ class CausalScorer:
         big = sum(p.numel() for p in self.model.parameters()) > 1e9  # compute-bound even on a GPU
         self.kv_cache = (not on_gpu or big) if kv_cache == "auto" else bool(kv_cache)
         self.use_queue = on_gpu if queue == "auto" else bool(queue)
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # ITPC on a GPU with the KV cache: a static cache and captured graphs per window size
+        self.static = StaticPool(self.model, loaded.lock, loaded.max_positions, pad if pad is not None else 0,
+                                 enabled=on_gpu and self.kv_cache if static == "auto" else bool(static))
+
+    def static_windows(self, tokens: int):
+        """A static KV cache for an ITPC sequence of ``tokens`` tokens (None: use the dynamic one)."""
+        return self.static.acquire(tokens)
+
+    def release_static(self, windows) -> None:
+        self.static.release(windows)
+
+    def disable_static(self) -> None:
+        self.static.disable()
 
     # -- tokenization helpers -------------------------------------------------
     def encode(self, text: str, special: bool = False) -> list[int]:
