@@ -23,9 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402
 
-from lingua_integrations import CompressionEngine  # noqa: E402
 from lingua_integrations.compat import PromptCompressor  # noqa: E402
-from lingua_integrations.models import ModelRegistry  # noqa: E402
 
 
 def profiled(label: str, fn, out: Path, repeats: int = 3, top: int = 35) -> float:
@@ -106,19 +104,9 @@ def main() -> None:
             profiled(f"{shape}-16-sequential-default",
                      lambda: [engine.compress(d, question=qq, rate=0.33) for d, qq in jobs], out, repeats=1, top=60)
         pc = engine = None
-        ModelRegistry.clear()
-        CompressionEngine._shared.clear()
-        torch.cuda.empty_cache()
+        speed.release_models()
     if args.llmlingua2:
-        from transformers import BertConfig, BertForTokenClassification
-
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            enc = BertForTokenClassification(BertConfig(vocab_size=30522, hidden_size=1024, num_hidden_layers=24,
-                                                        num_attention_heads=16, intermediate_size=4096, num_labels=2))
-        enc = enc.to(torch.bfloat16)
-        ModelRegistry.register("xlmr-large-shape", enc, AutoTokenizer.from_pretrained(assets / "minilm"),
-                               kind="token-classification")
+        enc = speed.build_encoder(assets)
         pc2 = PromptCompressor("xlmr-large-shape", device_map="cuda", use_llmlingua2=True)
         big = "\n\n".join(docs[:300])
         profiled("llmlingua2-33k", lambda: pc2.compress_prompt(big, rate=0.33, force_tokens=["\n", "?"]), out)

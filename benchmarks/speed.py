@@ -104,8 +104,30 @@ def build_causal(shape, tokenizer, name: str, dtype=torch.bfloat16, device: str 
     return ModelRegistry.register(name, model, tokenizer)
 
 
-def gpu(args) -> dict:
+def build_encoder(assets: Path, name: str = "xlmr-large-shape"):
+    """The XLM-R-large shape as a token classifier (random weights, bf16, on the GPU) with the
+    BERT vocabulary and tokenizer, registered as ``name``; returns the model."""
     from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
+
+    torch.manual_seed(0)
+    h, layers, heads = XLMR_LARGE
+    with torch.device("cuda"):
+        enc = BertForTokenClassification(BertConfig(vocab_size=30522, hidden_size=h, num_hidden_layers=layers,
+                                                    num_attention_heads=heads, intermediate_size=4 * h, num_labels=2))
+    enc = enc.to(torch.bfloat16)
+    ModelRegistry.register(name, enc, AutoTokenizer.from_pretrained(assets / "minilm"), kind="token-classification")
+    return enc
+
+
+def release_models() -> None:
+    """Forget every loaded model and shared engine, and give their GPU memory back."""
+    ModelRegistry.clear()
+    CompressionEngine._shared.clear()
+    torch.cuda.empty_cache()
+
+
+def gpu(args) -> dict:
+    from transformers import AutoTokenizer
 
     assets = Path(args.assets)
     docs, questions = load_passages(assets / "data" / "nq-open-oracle-dev.jsonl.gz")
@@ -165,18 +187,10 @@ def gpu(args) -> dict:
         checkpoint(args, rows)
         print(extra, flush=True)
         pc = engine = None
-        ModelRegistry.clear()
-        CompressionEngine._shared.clear()
-        torch.cuda.empty_cache()
+        release_models()
 
     # LLMLingua-2 on the XLM-R-large shape (BERT vocabulary, as the reference's run)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        enc = BertForTokenClassification(BertConfig(vocab_size=30522, hidden_size=1024, num_hidden_layers=24,
-                                                    num_attention_heads=16, intermediate_size=4096, num_labels=2))
-    enc = enc.to(torch.bfloat16)
-    ModelRegistry.register("xlmr-large-shape", enc, AutoTokenizer.from_pretrained(assets / "minilm"),
-                           kind="token-classification")
+    enc = build_encoder(assets)
     pc2 = PromptCompressor("xlmr-large-shape", device_map="cuda", use_llmlingua2=True)
     case = cases[-1]
     seconds, out = timeit(lambda: pc2.compress_prompt(case["context"], **case["kwargs"]), args.repeats)

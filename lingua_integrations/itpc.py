@@ -58,13 +58,13 @@ class _Stream:
         self.shift = shift
         self.cache = None
         # a big model on a GPU: a static cache with captured graphs (None: the dynamic cache)
-        self.static = scorer.static_windows(len(ids)) if scorer.kv_cache else None
+        self.static = scorer.static.acquire(len(ids)) if scorer.kv_cache else None
         self.offset = 0  # first position the model sees (long inputs slide this forward)
         self.cached = 0  # positions offset .. offset+cached-1 are in the cache
 
     def close(self) -> None:
         """Give the static cache back for the next call."""
-        self.scorer.release_static(self.static)
+        self.scorer.static.release(self.static)
         self.static = None
 
     def _score(self, view: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ class _Stream:
                 return self.static.surprisal(view[self.cached :], self.cached)
             except StaticUnavailable as exc:
                 if exc.permanent:
-                    self.scorer.disable_static()
+                    self.scorer.static.disable()
                 self.close()
                 self.cache, self.cached = None, 0  # the dynamic cache starts empty
         loss, self.cache = self.scorer.surprisal(view, self.cache, self.cached)

@@ -154,6 +154,7 @@ class StaticPool:
         self.keep = keep
         self._free: dict[int, list[StaticWindows]] = {}  # by cache length
         self._mutex = threading.Lock()
+        self._graphs = next(model.parameters()).device.type == "cuda"  # eager elsewhere (CPU: tests)
         self._graph_pool = None
 
     def acquire(self, tokens: int) -> StaticWindows | None:
@@ -170,10 +171,9 @@ class StaticPool:
             if free:  # first in, first out: a call's streams get the caches (and graphs) they had last time
                 return free.pop(0)
         try:
-            graphs = self.model.device.type == "cuda" if hasattr(self.model, "device") else False
-            if graphs and self._graph_pool is None:
+            if self._graphs and self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
-            return StaticWindows(self.model, self.lock, length, self.pad_id, graphs, self._graph_pool)
+            return StaticWindows(self.model, self.lock, length, self.pad_id, self._graphs, self._graph_pool)
         except StaticUnavailable as exc:
             logger.warning("%s; ITPC uses the dynamic KV cache", exc)
             self.enabled = False

@@ -52,16 +52,6 @@ class CausalScorer:
         self.static = StaticPool(self.model, loaded.lock, loaded.max_positions, pad if pad is not None else 0,
                                  enabled=on_gpu and self.kv_cache if static == "auto" else bool(static))
 
-    def static_windows(self, tokens: int):
-        """A static KV cache for an ITPC sequence of ``tokens`` tokens (None: use the dynamic one)."""
-        return self.static.acquire(tokens)
-
-    def release_static(self, windows) -> None:
-        self.static.release(windows)
-
-    def disable_static(self) -> None:
-        self.static.disable()
-
     # -- tokenization helpers -------------------------------------------------
     def encode(self, text: str, special: bool = False) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special).input_ids

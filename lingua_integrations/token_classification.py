@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .models import LoadedModel
+from .units import code_points, next_flagged, prefix_counts
 
 PIECE_CHARS = 8192  # texts longer than this are tokenized in pieces, in parallel threads
 GPU_BATCH_TOKENS = 65536  # padded tokens per encoder pass on a GPU (few passes: launches cost)
@@ -39,7 +40,7 @@ _ASCII_TABLES = {
 def char_flags(text: str, name: str) -> np.ndarray:
     """``str.<name>()`` of every character of ``text`` as a bool array (ASCII by table,
     other characters once per distinct code point)."""
-    cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    cp = code_points(text)
     out = np.zeros(len(cp), dtype=bool)
     ascii_ = cp < 128
     out[ascii_] = _ASCII_TABLES[name][cp[ascii_]]
@@ -48,11 +49,6 @@ def char_flags(text: str, name: str) -> np.ndarray:
         distinct, inverse = np.unique(cp[rest], return_inverse=True)
         out[rest] = np.array([getattr(chr(c), name)() for c in distinct.tolist()], dtype=bool)[inverse]
     return out
-
-
-def _prefix_counts(flags: np.ndarray) -> np.ndarray:
-    """``c[i]`` = how many flagged characters precede position ``i`` (length n + 1)."""
-    return np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
 
 
 @dataclass
@@ -102,7 +98,7 @@ class ClassifiedText:
 
     def any_char(self, name: str) -> np.ndarray:
         """Per word: does it contain a character with ``str.<name>()`` true?"""
-        c = _prefix_counts(char_flags(self.text, name))
+        c = prefix_counts(char_flags(self.text, name))
         return c[self.ends] > c[self.starts]
 
     def compressed(self, drop_consecutive: bool = False) -> str:
@@ -200,7 +196,7 @@ class TokenClassifier:
         for j in np.flatnonzero(np.isin(e - s, list(lengths))).tolist():
             is_end[j] = text[s[j] : e[j]] in chunk_end
         if "\n" in chunk_end:  # a newline in the gap before the next token
-            nl = _prefix_counts(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32) == 10)
+            nl = prefix_counts(code_points(text) == ord("\n"))
             is_end[:-1] |= nl[np.maximum(s[1:], e[:-1])] > nl[e[:-1]]
         ends = np.flatnonzero(is_end)
         start, out = 0, []
@@ -291,12 +287,11 @@ class TokenClassifier:
             return np.zeros(0, dtype=bool), empty, empty, empty, empty
         space = char_flags(text, "isspace")
         # first non-space position at or after each character (byte-level BPE offsets include the leading space)
-        pos = np.where(space, len(text), np.arange(len(text)))
-        nxt = np.append(np.minimum.accumulate(pos[::-1])[::-1], len(text))
+        nxt = np.append(next_flagged(~space), len(text))
         s, e = offsets[:, 0], offsets[:, 1]
         s = np.minimum(nxt[s], np.maximum(e, s))
         valid = e > s
-        alnum = _prefix_counts(char_flags(text, "isalnum"))
+        alnum = prefix_counts(char_flags(text, "isalnum"))
         s, e, w = s[valid], e[valid], wids[valid]
         punct = alnum[e] == alnum[s]
         new = np.ones(len(s), dtype=bool)
@@ -311,7 +306,7 @@ def insert_newlines(ct: ClassifiedText) -> None:
     """Add a word for each line break outside the words, so "\\n" can be a force token
     even for tokenizers that treat newlines as plain whitespace."""
     text = ct.text
-    nl = np.flatnonzero(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32) == 10)
+    nl = np.flatnonzero(code_points(text) == ord("\n"))
     if not len(nl):
         return
     inside = np.searchsorted(ct.starts, nl, side="right") - 1  # the word starting at or before it

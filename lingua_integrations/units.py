@@ -41,6 +41,23 @@ def word_spans(text: str) -> list[tuple[int, int]]:
     return [m.span() for m in _UNIT.finditer(text)]
 
 
+# -- character arrays (shared with token_classification) ------------------------
+def code_points(text: str) -> np.ndarray:
+    """The code point of every character of ``text`` (indexes match ``text``'s)."""
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def prefix_counts(flags: np.ndarray) -> np.ndarray:
+    """``c[i]`` = how many flagged positions precede position ``i`` (length n + 1)."""
+    return np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+
+
+def next_flagged(flags: np.ndarray) -> np.ndarray:
+    """For each position, the first flagged position at or after it (``len(flags)`` if none)."""
+    pos = np.where(flags, np.arange(len(flags)), len(flags))
+    return np.minimum.accumulate(pos[::-1])[::-1]
+
+
 def _token_words(text: str, s: np.ndarray, e: np.ndarray) -> np.ndarray:
     """The word (index into :func:`word_spans`) each token starts in or first covers; -1 for none."""
     owner = np.full(len(text) + 1, -1, dtype=np.int64)
@@ -50,10 +67,7 @@ def _token_words(text: str, s: np.ndarray, e: np.ndarray) -> np.ndarray:
         positions = np.repeat(spans[:, 0] - np.cumsum(np.concatenate([[0], lengths[:-1]])), lengths) + np.arange(
             lengths.sum())
         owner[positions] = np.repeat(np.arange(len(spans)), lengths)
-    # first owned character at or after each position
-    pos = np.where(owner >= 0, np.arange(len(owner)), len(owner))
-    first_owned = np.minimum.accumulate(pos[::-1])[::-1]
-    hit = first_owned[np.minimum(s, len(text))]
+    hit = next_flagged(owner >= 0)[np.minimum(s, len(text))]  # first owned character at or after the start
     return np.where(hit < np.minimum(e, len(text)), owner[np.minimum(hit, len(text))], -1)
 
 
@@ -77,22 +91,14 @@ def token_units(text: str, offsets: Sequence[tuple[int, int]], granularity: Gran
     # a space-only token belongs to the word after it, so dropping "1889" in
     # "completed 1889" cannot leave "completed " + nothing, nor keep the space alone;
     # a line break stays a unit of its own
-    newline = _prefix(text, "\n")
+    newline = prefix_counts(code_points(text) == ord("\n"))
     has_newline = newline[np.minimum(e, len(text))] > newline[np.minimum(s, len(text))]
     fillable = (words < 0) & ~has_newline
-    n = len(words)
-    nxt = np.where(fillable, n, np.arange(n))
-    source = np.minimum.accumulate(nxt[::-1])[::-1]  # the next token that is not fillable
+    source = next_flagged(~fillable)  # the next token that is not fillable
     words = np.where(fillable, np.append(words, -1)[source], words)
     prev = np.concatenate([[-1], words[:-1]])
     new_unit = np.where(words < 0, new_char, (prev < 0) | (words != prev))
     return (np.cumsum(new_unit) - 1).tolist()
-
-
-def _prefix(text: str, ch: str) -> np.ndarray:
-    """How many ``ch`` precede each position of ``text`` (length ``len(text) + 1``)."""
-    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32) == ord(ch)
-    return np.concatenate([[0], np.cumsum(codes, dtype=np.int64)])
 
 
 def salient_units(text: str, offsets: Sequence[tuple[int, int]], units: Sequence[int]) -> set[int]:
