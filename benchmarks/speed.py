@@ -88,7 +88,7 @@ def run_reference(spec: dict, python: str, path: str) -> list[dict]:
         return json.loads(out_path.read_text())
 
 
-def build_causal(shape, tokenizer, name: str, dtype=torch.bfloat16, device: str = "cuda"):
+def build_causal(shape, tokenizer, name: str, dtype=torch.float16, device: str = "cuda"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     h, i, l, a, kv = shape
@@ -180,7 +180,7 @@ def gpu(args) -> dict:
         extra = {}
         if shape == "smollm2-135m-shape":
             extra["concurrency"] = concurrency(engine, docs, questions, args.calls)
-            extra["fidelity_bf16_vs_fp32"] = fidelity_random(engine, docs, questions, tok, shape)
+            extra["fidelity_gpu_vs_cpu_fp32"] = fidelity_random(engine, docs, questions, tok, shape)
         else:
             extra["long_context"] = long_context(engine, docs, q)
         rows.append({"case": f"_extra {shape}", **extra})
@@ -242,7 +242,8 @@ def concurrency(engine: CompressionEngine, docs, questions, calls: int) -> dict:
 
 
 def fidelity_random(engine: CompressionEngine, docs, questions, tok, shape: str, cases: int = 5) -> dict:
-    """Kept words of the GPU bf16 path vs the CPU fp32 path, same (random) weights."""
+    """Kept words of the GPU path (its auto dtype, float16) vs the CPU fp32 path, same (random)
+    weights (real weights: ``benchmarks/fidelity.py``)."""
     cpu_model = type(engine.loaded.model)(engine.loaded.model.config)
     cpu_model.load_state_dict({k: v.float().cpu() for k, v in engine.loaded.model.state_dict().items()})
     ModelRegistry.register(shape, cpu_model.float(), tok)

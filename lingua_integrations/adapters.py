@@ -27,7 +27,7 @@ class LinguaSettings(BaseModel):
 
     model_name: str = Field(DEFAULT_MODEL, description="small LM: embedded alias, local HF directory or hub id")
     device_map: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'")
-    dtype: str = Field("auto", description="'auto' (fp32 on CPU, bf16 on GPU), 'float32', 'float16', 'bfloat16'")
+    dtype: str = Field("auto", description="'auto' (fp32 on CPU; fp16 LM, bf16 classifier on GPU), 'float32', 'float16', 'bfloat16'")
     model_configuration: dict[str, Any] = Field(default_factory=dict,
                                                 description="extra from_pretrained kwargs (trust_remote_code, ...)")
     method: Literal["longllmlingua", "llmlingua", "llmlingua2"] = Field(

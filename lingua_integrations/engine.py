@@ -209,7 +209,8 @@ class CompressionEngine:
     Args:
         model: embedded alias (``"smollm2-135m"``), local HF directory or hub id.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        dtype: ``"auto"`` (float32 on CPU, bfloat16 on GPU) or an explicit dtype.
+        dtype: ``"auto"`` (float32 on CPU; on a GPU float16 for the causal LM, bfloat16 for the
+            LLMLingua-2 classifier: see :func:`~.models.resolve_dtype`) or an explicit dtype.
         token_counter: how target-LLM tokens are counted: a tiktoken encoding name
             (default ``"cl100k_base"``) or a callable ``text -> int``.
         batch_size: contexts scored together when ranking.

@@ -12,7 +12,9 @@ the padding after it, and the padded positions' losses are discarded. That keeps
 captured computation free of data-dependent control flow.
 
 Sequences are sorted by length and cut into batches under a token budget, so padding
-stays small and memory stays bounded; a CUDA out-of-memory error halves the batch and
+stays small and memory stays bounded (on a CPU, where every padded position costs
+arithmetic and batching gains only ~15% per token, a batch also ends before its padding
+passes 10% of it); a CUDA out-of-memory error halves the batch and
 retries, down to a single sequence, before the error reaches the caller.
 """
 
@@ -50,12 +52,14 @@ class SurprisalRunner:
         model: a causal LM whose forward takes ``input_ids`` and returns ``logits``.
         lock: serialises forward passes on the model (shared with other users of it).
         max_tokens: padded tokens per forward pass (bounds the logits' memory).
+        max_padding: largest share of padding in a batch (default: 0.1 on a CPU, none on a GPU).
         graphs: ``"auto"`` (CUDA graphs on CUDA devices), ``True`` or ``False``.
         pad_id: the id written into padding positions.
     """
 
     def __init__(self, model, lock: threading.RLock, *, max_tokens: int = 16384, max_rows: int = 64,
-                 graphs: bool | str = "auto", pad_id: int = 0, max_positions: int | None = None) -> None:
+                 graphs: bool | str = "auto", pad_id: int = 0, max_positions: int | None = None,
+                 max_padding: float | None | str = "auto") -> None:
         self.model = model
         self.lock = lock
         self.device = next(model.parameters()).device
@@ -63,18 +67,32 @@ class SurprisalRunner:
         self.max_rows = max(1, int(max_rows))
         self.pad_id = pad_id
         self.max_positions = max_positions
+        self.max_padding = (0.1 if self.device.type == "cpu" else None) if max_padding == "auto" else max_padding
         self.graphs = (self.device.type == "cuda") if graphs == "auto" else bool(graphs) and self.device.type == "cuda"
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
+        self._keep_logits = True  # the model takes logits_to_keep (transformers' causal LMs do)
         self.forward_passes = 0  # diagnostics: device passes run
         self.oom_events = 0  # diagnostics: out-of-memory errors recovered from
 
     # -- the computation --------------------------------------------------------
-    def _loss(self, ids: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    def _loss(self, ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
+        """Surprisal of tokens ``width - keep + 1 .. width - 1`` of each row (all but the
+        first when ``keep`` is 0). A ``keep`` skips the LM head (a fifth of a small LM's
+        arithmetic) and the log-softmax over the vocabulary for the positions before it."""
+        if keep and self._keep_logits:
+            try:
+                logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+            except TypeError:  # a remote-code model without transformers' logits_to_keep
+                self._keep_logits = False
+                logits = self.model(input_ids=ids, use_cache=False).logits
+        else:
+            logits = self.model(input_ids=ids, use_cache=False).logits
+        logits = logits[:, :-1].float()
+        labels = ids[:, ids.shape[1] - logits.shape[1]:]
         # cross-entropy reduced along the contiguous vocabulary axis (F.cross_entropy wants
         # a (batch, vocabulary, position) layout, ~10x slower on GPUs)
-        return torch.logsumexp(logits, -1) - logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        return torch.logsumexp(logits, -1) - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
     def _graph(self, shape: tuple[int, int]):
         """The captured graph of ``shape`` (captured on first use; None when capture fails)."""
@@ -109,7 +127,7 @@ class SurprisalRunner:
         edges = [e for e in _LENGTHS if not self.max_positions or e <= self.max_positions]
         return 1 << (rows - 1).bit_length(), _bucket(width, edges + ([self.max_positions] if self.max_positions else []))
 
-    def _run_batch(self, seqs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _run_batch(self, seqs: Sequence[torch.Tensor], starts: Sequence[int]) -> list[torch.Tensor]:
         rows, width = self._shape(len(seqs), max(len(s) for s in seqs))
         ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
         for r, s in enumerate(seqs):
@@ -121,17 +139,18 @@ class SurprisalRunner:
                 static.copy_(ids, non_blocking=True)
                 graph.replay()
                 loss = out.to("cpu", copy=True)
-            else:
-                loss = self._loss(ids.to(self.device)).to("cpu")
+            else:  # eager: the LM head only from the first position any row scores
+                loss = self._loss(ids.to(self.device), width - min(starts) + 1).to("cpu")
             self.forward_passes += 1
-        return [loss[r, : len(s) - 1] for r, s in enumerate(seqs)]
+        first = width - loss.shape[1]  # the token the loss matrix starts at
+        return [loss[r, st - first : len(s) - first] for r, (s, st) in enumerate(zip(seqs, starts))]
 
-    def _run_split(self, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _run_split(self, seqs: list[torch.Tensor], starts: list[int]) -> list[torch.Tensor]:
         """Run a batch; on CUDA out-of-memory halve it and retry, and score a single
         sequence that still does not fit as two windows overlapping by one token (as
         sequences longer than the model's window are scored), down to ``MIN_WINDOW``."""
         try:
-            return self._run_batch(seqs)
+            return self._run_batch(seqs, starts)
         except Exception as exc:  # noqa: BLE001
             if not _is_oom(exc):
                 raise
@@ -145,7 +164,7 @@ class SurprisalRunner:
             if len(seqs) > 1:
                 logger.warning("out of GPU memory on a batch of %d sequences; splitting it", len(seqs))
                 half = len(seqs) // 2
-                return self._run_split(seqs[:half]) + self._run_split(seqs[half:])
+                return self._run_split(seqs[:half], starts[:half]) + self._run_split(seqs[half:], starts[half:])
             ids = seqs[0]
             if len(ids) < 2 * MIN_WINDOW:
                 raise MemoryError(
@@ -153,27 +172,42 @@ class SurprisalRunner:
                     "processes, other models), use a smaller model or dtype, or run on the CPU") from exc
             logger.warning("out of GPU memory on one sequence of %d tokens; scoring it in two windows", len(ids))
             h = len(ids) // 2
-            return [torch.cat(self._run_split([ids[: h + 1]]) + self._run_split([ids[h:]]))]
+            whole = torch.cat(self._run_split([ids[: h + 1]], [1]) + self._run_split([ids[h:]], [1]))
+            return [whole[starts[0] - 1 :]]
 
     @torch.inference_mode()
-    def surprisal(self, seqs: Sequence[Sequence[int] | torch.Tensor], max_rows: int | None = None) -> list[torch.Tensor]:
-        """Surprisal of tokens ``1 .. len-1`` of every sequence (float32, on the CPU).
+    def surprisal(self, seqs: Sequence[Sequence[int] | torch.Tensor], max_rows: int | None = None,
+                  starts: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Surprisal of tokens ``start .. len-1`` of every sequence (float32, on the CPU).
 
-        Sequences shorter than two tokens give empty tensors. ``max_rows`` caps the
-        sequences per forward pass (default: the runner's ``max_rows``).
+        ``starts`` (default 1 each: every token but the first, which has no context)
+        lets a caller that needs only a span (ranking scores a question after a document)
+        skip the LM head before it, where passes run eagerly. Sequences shorter than two
+        tokens give empty tensors. ``max_rows`` caps the sequences per forward pass
+        (default: the runner's ``max_rows``).
         """
         max_rows = max_rows or self.max_rows
         tensors = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in seqs]
+        firsts = [min(max(1, int(st)), len(t)) for st, t in zip(starts or [1] * len(tensors), tensors)]
         results: list[torch.Tensor] = [torch.zeros(0)] * len(tensors)
-        order = sorted((i for i, t in enumerate(tensors) if len(t) >= 2), key=lambda i: len(tensors[i]))
+        order = sorted((i for i, t in enumerate(tensors) if len(t) - firsts[i] >= 1), key=lambda i: len(tensors[i]))
         batch: list[int] = []
+        real = 0  # tokens of the batch's sequences
         for i in order + [-1]:
-            if i >= 0 and (not batch or (len(batch) < max_rows
-                                         and math.prod(self._shape(len(batch) + 1, len(tensors[i]))) <= self.max_tokens)):
+            if i >= 0 and (not batch or self._fits(len(batch) + 1, len(tensors[i]), real + len(tensors[i]), max_rows)):
                 batch.append(i)
+                real += len(tensors[i])
                 continue
             if batch:
-                for j, loss in zip(batch, self._run_split([tensors[j] for j in batch])):
+                for j, loss in zip(batch, self._run_split([tensors[j] for j in batch], [firsts[j] for j in batch])):
                     results[j] = loss
-            batch = [i]
+            batch, real = [i], len(tensors[i]) if i >= 0 else 0
         return results
+
+    def _fits(self, rows: int, width: int, real: int, max_rows: int) -> bool:
+        """Whether ``rows`` sequences, the longest ``width`` tokens and ``real`` tokens in
+        all, may share one forward pass."""
+        padded = math.prod(self._shape(rows, width))
+        if rows > max_rows or padded > self.max_tokens:
+            return False
+        return self.max_padding is None or padded - real <= self.max_padding * padded

@@ -74,13 +74,16 @@ class CausalScorer:
         return self.loaded.scoring_queue().session() if self.use_queue else contextlib.nullcontext()
 
     # -- surprisal --------------------------------------------------------------
-    def batch_surprisal(self, seqs: Sequence[Sequence[int] | torch.Tensor]) -> list[torch.Tensor]:
-        """Surprisal of tokens ``1 .. len-1`` of each sequence (each at most the model's
-        window), float32 on the CPU: one padded batch, shared with concurrent callers on a GPU."""
+    def batch_surprisal(self, seqs: Sequence[Sequence[int] | torch.Tensor],
+                        starts: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Surprisal of tokens ``start .. len-1`` of each sequence (``starts`` default 1;
+        each sequence at most the model's window), float32 on the CPU: one padded batch,
+        shared with concurrent callers on a GPU."""
         q = self.loaded.scoring_queue()
-        if self.use_queue:
-            return q.surprisal(seqs)
-        return q.runner.surprisal(seqs, max_rows=self.batch_size)
+        if not self.use_queue:
+            return q.runner.surprisal(seqs, max_rows=self.batch_size, starts=starts)
+        losses = q.surprisal(seqs)  # the queue's captured graphs score every token
+        return losses if starts is None else [loss[max(1, st) - 1 :] for loss, st in zip(losses, starts)]
 
     @torch.inference_mode()
     def surprisal(self, ids: torch.Tensor, cache: Any = None, cached: int = 0) -> tuple[torch.Tensor, Any]:
@@ -133,9 +136,5 @@ class CausalScorer:
                 cut = len(ids) - window
                 ids, cond = ids[cut:], max(1, cond - cut)
             prepared.append((ids, max(1, cond)))
-        losses = self.batch_surprisal([ids for ids, _ in prepared])
-        results = []
-        for (ids, cond), loss in zip(prepared, losses):
-            span = loss[cond - 1 : len(ids) - 1]
-            results.append(float(span.mean()) if span.numel() else float("nan"))
-        return results
+        spans = self.batch_surprisal([ids for ids, _ in prepared], starts=[cond for _, cond in prepared])
+        return [float(span.mean()) if span.numel() else float("nan") for span in spans]

@@ -79,9 +79,31 @@ def test_auto_device_and_dtype_on_cpu_machine():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto") == expected
     assert resolve_dtype("auto", "cpu") == torch.float32
-    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("auto", "cuda") == torch.float16  # the scorer: float16 keeps surprisals faithful
+    assert resolve_dtype("auto", "cuda", "token-classification") == torch.bfloat16
+    assert resolve_dtype("auto", "cpu", "token-classification") == torch.float32
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("int3", "cpu")
+
+
+def test_float16_overflow_falls_back_to_bfloat16(caplog):
+    """A model whose activations leave float16's range (as some bf16-trained models' do)
+    gives non-finite logits in float16: the auto dtype detects it and loads bfloat16."""
+    from lingua_integrations.models import half_precision_overflows, load_causal_lm, load_half_or_bfloat16
+
+    def overflowing(model, device, dtype, **options):
+        loaded = load_causal_lm(model, device, dtype, **options)
+        with torch.no_grad():
+            loaded.model.model.norm.weight.fill_(6e4)  # final hidden states of ~1e5: beyond float16's 65,504
+        return loaded
+
+    assert not half_precision_overflows(load_causal_lm("smollm2-135m", "cpu", torch.float16))
+    assert half_precision_overflows(overflowing("smollm2-135m", "cpu", torch.float16))
+    loaded = load_half_or_bfloat16(overflowing, "smollm2-135m", "cpu")
+    assert loaded.model.dtype == torch.bfloat16 and not half_precision_overflows(loaded)
+    assert "overflows float16" in caplog.text
+    fine = load_half_or_bfloat16(load_causal_lm, "smollm2-135m", "cpu")
+    assert fine.model.dtype == torch.float16
 
 
 def test_missing_path_is_reported():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lingua_integrations import CompressionEngine
+from lingua_integrations.runner import SurprisalRunner
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +23,35 @@ def test_padded_batch_scores_each_sequence_as_if_alone(engine, passages):
     """Right padding without a mask is exact for a causal LM: a token never sees what follows."""
     scorer = engine.scorer
     seqs = scorer.encode_many(passages[:6], special=True)
-    runner = engine.loaded.scoring_queue().runner
+    assert len({len(s) for s in seqs}) > 1  # different lengths: the batch is padded
+    runner = SurprisalRunner(engine.loaded.model, engine.loaded.lock, max_padding=None)  # one batch, any padding
     together = runner.surprisal(seqs, max_rows=6)
+    assert runner.forward_passes == 1
     for ids, got in zip(seqs, together):
         alone, _ = scorer.surprisal(torch.tensor(ids))  # the KV-cache path, one sequence
         assert got.shape == (len(ids) - 1,)
         assert torch.allclose(got, alone.cpu(), atol=1e-3), float((got - alone.cpu()).abs().max())
+
+
+def test_span_scoring_skips_the_head_before_the_span_and_matches(engine, passages):
+    """Ranking needs only the question's surprisal after each document: ``starts`` gives
+    just that span, the same numbers as scoring everything, with the LM head skipped
+    before it; on the CPU a batch also stops growing before 10% of it is padding."""
+    seqs = engine.scorer.encode_many(passages, special=True)
+    starts = [len(s) // 2 for s in seqs[:-1]] + [len(seqs[-1])]  # the last: nothing to score
+    runner = SurprisalRunner(engine.loaded.model, engine.loaded.lock)
+    assert runner.max_padding == 0.1
+    full = runner.surprisal(seqs, max_rows=8)
+    before = runner.forward_passes
+    spans = runner.surprisal(seqs, max_rows=8, starts=starts)
+    passes = runner.forward_passes - before
+    for ids, st, whole, span in zip(seqs, starts, full, spans):
+        assert span.shape == (len(ids) - st,)
+        assert torch.allclose(span, whole[st - 1 :], atol=1e-4)
+    assert spans[-1].numel() == 0
+    sizes = [len(s) for s in seqs[:-1]]
+    assert max(sizes) / min(sizes) > 1.5  # mixed lengths: eleven of them would fill two 8-row batches
+    assert passes > 2  # but not within 10% padding
 
 
 def test_itpc_without_kv_cache_keeps_the_same_tokens(engine, nq_rows):
