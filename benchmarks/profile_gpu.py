@@ -55,6 +55,9 @@ def main() -> None:
     ap.add_argument("--docs", nargs="*", type=int, default=[20, 60])
     ap.add_argument("--llmlingua2", action="store_true")
     ap.add_argument("--compare-static", action="store_true", help="static-cache graphs vs the dynamic cache")
+    ap.add_argument("--compare-padding", action="store_true", help="eager batches capped at 10%% padding vs uncapped")
+    ap.add_argument("--kernels", action="store_true", help="device-time table (torch.profiler) of the drop-in calls")
+    ap.add_argument("--compile", action="store_true", help="then the same calls with torch.compile'd forward passes")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +102,73 @@ def main() -> None:
                     sc.static = static_pool
                     print(f"  {method} {nd} docs: static {times[0]:.3f} s, dynamic {times[1]:.3f} s, "
                           f"kept-word F1 {speed.words_f1(outs[0], outs[1]):.4f}", flush=True)
+        if args.compare_padding and not runner.graphs:
+            for nd in args.docs:
+                for method, kw in (("llmlingua", {"rate": 0.3}),
+                                   ("longllmlingua", {"question": q, "rate": 0.3, **speed.LONG})):
+                    times: dict = {0.1: [], None: []}
+                    outs = {}
+                    for _ in range(3):
+                        for cap in times:
+                            runner.max_padding = cap
+                            torch.cuda.synchronize()
+                            t = time.perf_counter()
+                            outs[cap] = pc.compress_prompt(docs[:nd], **kw)["compressed_prompt"]
+                            torch.cuda.synchronize()
+                            times[cap].append(time.perf_counter() - t)
+                    runner.max_padding = 0.1
+                    print(f"  {method} {nd} docs: padding capped {sorted(times[0.1])[1]:.3f} s, uncapped "
+                          f"{sorted(times[None])[1]:.3f} s, kept-word F1 {speed.words_f1(outs[0.1], outs[None]):.4f}",
+                          flush=True)
+        if args.kernels:
+            from torch.profiler import ProfilerActivity, profile
+
+            nd = max(args.docs)
+            kw = {"question": q, "rate": 0.3, **speed.LONG}
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                pc.compress_prompt(docs[:nd], **kw)
+                torch.cuda.synchronize()
+            try:
+                table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25)
+            except (AttributeError, KeyError, ValueError):  # older torch names it after CUDA
+                table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+            with open(out / "profiles.txt", "a") as f:
+                f.write(f"==== kernels {shape} longllmlingua {nd} drop-in\n{table}\n")
+        if args.compile:
+            # an experiment: fused elementwise kernels (norms, rotary, SwiGLU) by compiling each decoder
+            # layer ("regional" compilation: the 32 identical layers share one compiled graph)
+            sc = engine.scorer
+            model = engine.loaded.model
+            plain_out = {nd: pc.compress_prompt(docs[:nd], question=q, rate=0.3, **speed.LONG)["compressed_prompt"]
+                         for nd in args.docs}
+            t = time.perf_counter()
+            for layer in model.model.layers:  # the parts without cache state: no recompiles per layer
+                for part in (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
+                    part.compile(dynamic=True)
+            model.model.norm.compile(dynamic=True)
+            for static in (False, True):
+                sc.static = type(sc.static)(model, sc.loaded.lock, sc.loaded.max_positions, 0, enabled=static)
+                for nd in args.docs:
+                    for method, kw in (("llmlingua", {"rate": 0.3}),
+                                       ("longllmlingua", {"question": q, "rate": 0.3, **speed.LONG})):
+                        try:
+                            t = time.perf_counter()
+                            pc.compress_prompt(docs[:nd], **kw)
+                            first_s = time.perf_counter() - t
+                            pc.compress_prompt(docs[:nd], **kw)
+                            times = []
+                            for _ in range(3):
+                                torch.cuda.synchronize()
+                                t = time.perf_counter()
+                                again = pc.compress_prompt(docs[:nd], **kw)["compressed_prompt"]
+                                torch.cuda.synchronize()
+                                times.append(time.perf_counter() - t)
+                            same = speed.words_f1(plain_out[nd], again) if method == "longllmlingua" else float("nan")
+                            print(f"  compiled layers, static={static} {method} {nd} docs: {sorted(times)[1]:.3f} s, "
+                                  f"first {first_s:.1f} s, F1 vs uncompiled {same:.4f}, static pool on "
+                                  f"{sc.static.enabled}", flush=True)
+                        except Exception as exc:  # noqa: BLE001 - a diagnostic: report and go on
+                            print(f"  compiled {method} {nd} docs failed: {type(exc).__name__}: {exc}"[:400], flush=True)
         if shape.startswith("smollm2"):
             jobs = [(docs[20 * k : 20 * k + 20], questions[20 * k]) for k in range(16)]
             profiled(f"{shape}-16-sequential-default",

@@ -14,7 +14,7 @@ captured computation free of data-dependent control flow.
 Sequences are sorted by length and cut into batches under a token budget, so padding
 stays small and memory stays bounded (on a CPU, where every padded position costs
 arithmetic and batching gains only ~15% per token, a batch also ends before its padding
-passes 10% of it); a CUDA out-of-memory error halves the batch and
+passes 10% of it; on a GPU fewer, fuller passes win even for a 7B model); a CUDA out-of-memory error halves the batch and
 retries, down to a single sequence, before the error reaches the caller.
 """
 
@@ -52,7 +52,9 @@ class SurprisalRunner:
         model: a causal LM whose forward takes ``input_ids`` and returns ``logits``.
         lock: serialises forward passes on the model (shared with other users of it).
         max_tokens: padded tokens per forward pass (bounds the logits' memory).
-        max_padding: largest share of padding in a batch (default: 0.1 on a CPU, none on a GPU).
+        max_padding: largest share of padding in a batch (default: 0.1 on a CPU; none on a
+            GPU, where each extra pass re-reads the weights: on the 7B shape a 10% cap made
+            LLMLingua's 60-document call 0.81 s instead of 0.72 s).
         graphs: ``"auto"`` (CUDA graphs on CUDA devices), ``True`` or ``False``.
         pad_id: the id written into padding positions.
     """
@@ -67,8 +69,8 @@ class SurprisalRunner:
         self.max_rows = max(1, int(max_rows))
         self.pad_id = pad_id
         self.max_positions = max_positions
-        self.max_padding = (0.1 if self.device.type == "cpu" else None) if max_padding == "auto" else max_padding
         self.graphs = (self.device.type == "cuda") if graphs == "auto" else bool(graphs) and self.device.type == "cuda"
+        self.max_padding = (0.1 if self.device.type == "cpu" else None) if max_padding == "auto" else max_padding
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
         self._keep_logits = True  # the model takes logits_to_keep (transformers' causal LMs do)
