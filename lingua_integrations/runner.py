@@ -14,8 +14,9 @@ captured computation free of data-dependent control flow.
 Sequences are sorted by length and cut into batches under a token budget, so padding
 stays small and memory stays bounded (on a CPU, where every padded position costs
 arithmetic and batching gains only ~15% per token, a batch also ends before its padding
-passes 10% of it; on a GPU fewer, fuller passes win even for a 7B model); a CUDA out-of-memory error halves the batch and
-retries, down to a single sequence, before the error reaches the caller.
+passes 10% of it; on a GPU fewer, fuller passes win even for a 7B model); a CUDA
+out-of-memory error halves the batch and retries, down to a single sequence, before the
+error reaches the caller.
 """
 
 from __future__ import annotations
