@@ -57,7 +57,8 @@ def main() -> None:
     ap.add_argument("--compare-static", action="store_true", help="static-cache graphs vs the dynamic cache")
     ap.add_argument("--compare-padding", action="store_true", help="eager batches capped at 10%% padding vs uncapped")
     ap.add_argument("--kernels", action="store_true", help="device-time table (torch.profiler) of the drop-in calls")
-    ap.add_argument("--compile", action="store_true", help="then the same calls with torch.compile'd forward passes")
+    ap.add_argument("--compile", choices=["parts", "layers"],
+                    help="then the same calls with torch.compile'd layers: 'parts' (MLP and norms) or whole 'layers'")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,12 +142,14 @@ def main() -> None:
             model = engine.loaded.model
             plain_out = {nd: pc.compress_prompt(docs[:nd], question=q, rate=0.3, **speed.LONG)["compressed_prompt"]
                          for nd in args.docs}
-            t = time.perf_counter()
-            for layer in model.model.layers:  # the parts without cache state: no recompiles per layer
-                for part in (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
+            for layer in model.model.layers:
+                # "parts" have no cache state: no recompiles per layer; whole layers guard on the cache,
+                # so they run with the static cache only (initialised up front: one guard state)
+                parts = (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm)
+                for part in parts if args.compile == "parts" else (layer,):
                     part.compile(dynamic=True)
             model.model.norm.compile(dynamic=True)
-            for static in (False, True):
+            for static in (False, True) if args.compile == "parts" else (True,):
                 sc.static = type(sc.static)(model, sc.loaded.lock, sc.loaded.max_positions, 0, enabled=static)
                 for nd in args.docs:
                     for method, kw in (("llmlingua", {"rate": 0.3}),
