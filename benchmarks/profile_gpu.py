@@ -26,6 +26,20 @@ import speed  # noqa: E402
 from lingua_integrations.compat import PromptCompressor  # noqa: E402
 
 
+def methods(question: str) -> tuple[tuple[str, dict], ...]:
+    """The drop-in calls every comparison makes: LLMLingua, and LongLLMLingua as the reference recommends."""
+    return ("llmlingua", {"rate": 0.3}), ("longllmlingua", {"question": question, "rate": 0.3, **speed.LONG})
+
+
+def timed(fn) -> tuple[float, object]:
+    """Seconds one call takes, device work included, and its result."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, result
+
+
 def profiled(label: str, fn, out: Path, repeats: int = 3, top: int = 35) -> float:
     fn()
     torch.cuda.synchronize()
@@ -74,7 +88,7 @@ def main() -> None:
         engine = pc.engine
         runner = engine.loaded.scoring_queue().runner
         for nd in args.docs:
-            for method, kw in (("llmlingua", {"rate": 0.3}), ("longllmlingua", {"question": q, "rate": 0.3, **speed.LONG})):
+            for method, kw in methods(q):
                 passes = runner.forward_passes
                 profiled(f"{shape}-{method}-{nd}-dropin", lambda: pc.compress_prompt(docs[:nd], **kw), out)
                 print(f"  forward passes per call: {(runner.forward_passes - passes) / 5:.1f}", flush=True)
@@ -89,34 +103,28 @@ def main() -> None:
             static_pool = sc.static
             print(f"  static path enabled after the runs: {static_pool.enabled}", flush=True)
             for nd in args.docs:
-                for method, kw in (("llmlingua", {"rate": 0.3}),
-                                   ("longllmlingua", {"question": q, "rate": 0.3, **speed.LONG})):
+                for method, kw in methods(q):
                     outs, times = [], []
                     for pool in (static_pool, StaticPool(sc.model, sc.loaded.lock, 1, 0, enabled=False)):
                         sc.static = pool
                         pc.compress_prompt(docs[:nd], **kw)
-                        torch.cuda.synchronize()
-                        t = time.perf_counter()
-                        outs.append(pc.compress_prompt(docs[:nd], **kw)["compressed_prompt"])
-                        torch.cuda.synchronize()
-                        times.append(time.perf_counter() - t)
+                        seconds, result = timed(lambda: pc.compress_prompt(docs[:nd], **kw))
+                        outs.append(result["compressed_prompt"])
+                        times.append(seconds)
                     sc.static = static_pool
                     print(f"  {method} {nd} docs: static {times[0]:.3f} s, dynamic {times[1]:.3f} s, "
                           f"kept-word F1 {speed.words_f1(outs[0], outs[1]):.4f}", flush=True)
         if args.compare_padding and not runner.graphs:
             for nd in args.docs:
-                for method, kw in (("llmlingua", {"rate": 0.3}),
-                                   ("longllmlingua", {"question": q, "rate": 0.3, **speed.LONG})):
+                for method, kw in methods(q):
                     times: dict = {0.1: [], None: []}
                     outs = {}
                     for _ in range(3):
                         for cap in times:
                             runner.max_padding = cap
-                            torch.cuda.synchronize()
-                            t = time.perf_counter()
-                            outs[cap] = pc.compress_prompt(docs[:nd], **kw)["compressed_prompt"]
-                            torch.cuda.synchronize()
-                            times[cap].append(time.perf_counter() - t)
+                            seconds, result = timed(lambda: pc.compress_prompt(docs[:nd], **kw))
+                            outs[cap] = result["compressed_prompt"]
+                            times[cap].append(seconds)
                     runner.max_padding = 0.1
                     print(f"  {method} {nd} docs: padding capped {sorted(times[0.1])[1]:.3f} s, uncapped "
                           f"{sorted(times[None])[1]:.3f} s, kept-word F1 {speed.words_f1(outs[0.1], outs[None]):.4f}",
@@ -125,7 +133,7 @@ def main() -> None:
             from torch.profiler import ProfilerActivity, profile
 
             nd = max(args.docs)
-            kw = {"question": q, "rate": 0.3, **speed.LONG}
+            kw = dict(methods(q))["longllmlingua"]
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 pc.compress_prompt(docs[:nd], **kw)
                 torch.cuda.synchronize()
@@ -140,8 +148,8 @@ def main() -> None:
             # layer ("regional" compilation: the 32 identical layers share one compiled graph)
             sc = engine.scorer
             model = engine.loaded.model
-            plain_out = {nd: pc.compress_prompt(docs[:nd], question=q, rate=0.3, **speed.LONG)["compressed_prompt"]
-                         for nd in args.docs}
+            long_kw = dict(methods(q))["longllmlingua"]
+            plain_out = {nd: pc.compress_prompt(docs[:nd], **long_kw)["compressed_prompt"] for nd in args.docs}
             for layer in model.model.layers:
                 # "parts" have no cache state: no recompiles per layer; whole layers guard on the cache,
                 # so they run with the static cache only (initialised up front: one guard state)
@@ -152,20 +160,15 @@ def main() -> None:
             for static in (False, True) if args.compile == "parts" else (True,):
                 sc.static = type(sc.static)(model, sc.loaded.lock, sc.loaded.max_positions, 0, enabled=static)
                 for nd in args.docs:
-                    for method, kw in (("llmlingua", {"rate": 0.3}),
-                                       ("longllmlingua", {"question": q, "rate": 0.3, **speed.LONG})):
+                    for method, kw in methods(q):
                         try:
-                            t = time.perf_counter()
-                            pc.compress_prompt(docs[:nd], **kw)
-                            first_s = time.perf_counter() - t
+                            first_s, _ = timed(lambda: pc.compress_prompt(docs[:nd], **kw))
                             pc.compress_prompt(docs[:nd], **kw)
                             times = []
                             for _ in range(3):
-                                torch.cuda.synchronize()
-                                t = time.perf_counter()
-                                again = pc.compress_prompt(docs[:nd], **kw)["compressed_prompt"]
-                                torch.cuda.synchronize()
-                                times.append(time.perf_counter() - t)
+                                seconds, result = timed(lambda: pc.compress_prompt(docs[:nd], **kw))
+                                again = result["compressed_prompt"]
+                                times.append(seconds)
                             same = speed.words_f1(plain_out[nd], again) if method == "longllmlingua" else float("nan")
                             print(f"  compiled layers, static={static} {method} {nd} docs: {sorted(times)[1]:.3f} s, "
                                   f"first {first_s:.1f} s, F1 vs uncompiled {same:.4f}, static pool on "

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from .runner import token_surprisal
+
 logger = logging.getLogger(__name__)
 
 # window-length buckets: steps of 128 up to 2048 (ITPC windows are a few hundred tokens:
@@ -86,8 +88,8 @@ class StaticWindows:
 
     def _loss(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         logits = self.model(input_ids=ids, position_ids=positions.unsqueeze(0), past_key_values=self.cache,
-                            use_cache=True).logits[0, :-1].float()
-        return torch.logsumexp(logits, -1) - logits.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
+                            use_cache=True).logits[0, :-1]
+        return token_surprisal(logits, ids[0, 1:])
 
     def _graph(self, width: int, cached: int):
         hit = self._captured.get(width)

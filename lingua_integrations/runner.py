@@ -42,6 +42,15 @@ def _bucket(n: int, edges: Sequence[int]) -> int:
     return n
 
 
+def token_surprisal(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``-log p(label)`` at each position of ``(..., positions, vocabulary)`` logits, in float32.
+
+    Cross-entropy reduced along the contiguous vocabulary axis: ``F.cross_entropy`` wants a
+    (batch, vocabulary, position) layout, ~10x slower on GPUs."""
+    logits = logits.float()
+    return torch.logsumexp(logits, -1) - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -91,11 +100,8 @@ class SurprisalRunner:
                 logits = self.model(input_ids=ids, use_cache=False).logits
         else:
             logits = self.model(input_ids=ids, use_cache=False).logits
-        logits = logits[:, :-1].float()
-        labels = ids[:, ids.shape[1] - logits.shape[1]:]
-        # cross-entropy reduced along the contiguous vocabulary axis (F.cross_entropy wants
-        # a (batch, vocabulary, position) layout, ~10x slower on GPUs)
-        return torch.logsumexp(logits, -1) - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        logits = logits[:, :-1]
+        return token_surprisal(logits, ids[:, ids.shape[1] - logits.shape[1]:])
 
     def _graph(self, shape: tuple[int, int]):
         """The captured graph of ``shape`` (captured on first use; None when capture fails)."""
