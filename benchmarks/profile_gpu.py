@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--llmlingua2", action="store_true")
     ap.add_argument("--compare-static", action="store_true", help="static-cache graphs vs the dynamic cache")
     ap.add_argument("--compare-padding", action="store_true", help="eager batches capped at 10%% padding vs uncapped")
+    ap.add_argument("--compare-packing", action="store_true", help="packed rows vs right-padded batches")
     ap.add_argument("--kernels", action="store_true", help="device-time table (torch.profiler) of the drop-in calls")
     ap.add_argument("--compile", choices=["parts", "layers"],
                     help="then the same calls with torch.compile'd layers: 'parts' (MLP and norms) or whole 'layers'")
@@ -129,6 +130,32 @@ def main() -> None:
                     print(f"  {method} {nd} docs: padding capped {sorted(times[0.1])[1]:.3f} s, uncapped "
                           f"{sorted(times[None])[1]:.3f} s, kept-word F1 {speed.words_f1(outs[0.1], outs[None]):.4f}",
                           flush=True)
+        if args.compare_packing:
+            for nd in args.docs:
+                for method, kw in methods(q):
+                    dkw = {"question": q} if method == "longllmlingua" else {}
+                    calls = {"drop-in": lambda: pc.compress_prompt(docs[:nd], **kw),
+                             "default": lambda: engine.compress(docs[:nd], method=method, rate=0.3, **dkw)}
+                    for label, call in calls.items():
+                        times: dict = {"auto": [], False: []}
+                        outs, passes = {}, {}
+                        for pack in times:
+                            runner.pack = pack
+                            call()
+                        for _ in range(3):
+                            for pack in times:
+                                runner.pack = pack
+                                before = runner.forward_passes
+                                seconds, result = timed(call)
+                                passes[pack] = runner.forward_passes - before
+                                text = result["compressed_prompt"] if isinstance(result, dict) else result.compressed_prompt
+                                outs[pack] = text
+                                times[pack].append(seconds)
+                        runner.pack = "auto"
+                        print(f"  {method} {label} {nd} docs: packed {sorted(times['auto'])[1]:.3f} s "
+                              f"({passes['auto']} passes), padded {sorted(times[False])[1]:.3f} s ({passes[False]}), "
+                              f"kept-word F1 {speed.words_f1(outs['auto'], outs[False]):.4f}, probe {runner._pack_ok}",
+                              flush=True)
         if args.kernels:
             from torch.profiler import ProfilerActivity, profile
 

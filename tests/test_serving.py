@@ -53,6 +53,27 @@ def test_span_scoring_skips_the_head_before_the_span_and_matches(engine, passage
     assert max(sizes) / min(sizes) > 1.5  # mixed lengths: eleven of them would fill two 8-row batches
     assert passes > 2  # but not within 10% padding
 
+def test_packed_rows_score_each_sequence_as_if_alone(engine, passages, nq_rows):
+    """Packing (on by default on a GPU) lays short sequences end to end in a row with
+    restarting position ids; the model must then keep them apart: same surprisals as
+    padded batches, spans included, in fewer padded positions."""
+    q = nq_rows[0]["question"]
+    seqs = engine.scorer.encode_many([p + "\n" + q for p in passages], special=True)
+    starts = [len(s) - 6 for s in seqs]  # the last tokens (the question's), as ranking scores them
+    lock = engine.loaded.lock
+    padded = SurprisalRunner(engine.loaded.model, lock, pack=False, max_padding=None)
+    packed = SurprisalRunner(engine.loaded.model, lock, pack=True)
+    assert SurprisalRunner(engine.loaded.model, lock).pack == "auto" and not packed._pack_ok
+    for st in (None, starts):
+        padded.positions_run = packed.positions_run = 0
+        want = padded.surprisal(seqs, starts=st)
+        got = packed.surprisal(seqs, starts=st)
+        for ids, s, a, b in zip(seqs, st or [1] * len(seqs), want, got):
+            assert b.shape == (len(ids) - s,)
+            assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+    assert packed._pack_ok  # the probe found the model honours packed position ids
+    assert packed.positions_run < 0.8 * padded.positions_run  # mixed lengths: padding was a fifth or more
+
 
 def test_itpc_without_kv_cache_keeps_the_same_tokens(engine, nq_rows):
     """The GPU path rescores each window's view instead of extending a KV cache: same output."""
