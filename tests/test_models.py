@@ -138,3 +138,40 @@ def test_cached_hub_model_loads_with_the_network_off(engine, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert int(proc.stdout.strip().splitlines()[-1]) > 0
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on a CPU generates C++: needs a compiler")
+def test_compile_option_compiles_the_layers_of_a_separate_model_and_keeps_the_output(engine, nq_rows):
+    """``compile=True`` is a loading option: its own registry entry (callers that did not ask
+    keep the eager model), every decoder layer compiled, the same kept tokens (float32 here;
+    fused kernels change only rounding)."""
+    from lingua_integrations import CompressionEngine
+
+    compiled = CompressionEngine("smollm2-135m", device="cpu", compile=True)
+    assert compiled.loaded is not engine.loaded
+    assert compiled.loaded is ModelRegistry.get_causal_lm("smollm2-135m", "cpu", "float32", compile=True)
+    layers = compiled.loaded.model.model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert all(layer._compiled_call_impl is None for layer in engine.loaded.model.model.layers)
+    docs, q = [r["text"] for r in nq_rows[40:44]], nq_rows[40]["question"]
+    want = engine.compress(docs, question=q, rate=0.4).compressed_prompt
+    assert compiled.compress(docs, question=q, rate=0.4).compressed_prompt == want
+
+
+def test_compile_option_needs_repeated_layers():
+    """A model that lists no repeated blocks cannot be compiled regionally: say what to do."""
+    from transformers import AutoTokenizer
+
+    from lingua_integrations.models import compile_blocks
+
+    class Plain(torch.nn.Module):  # a custom model without transformers' _no_split_modules
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match="drop the compile option"):
+        compile_blocks(Plain())
+    tok = AutoTokenizer.from_pretrained(materialize_embedded("smollm2-135m"))
+    with pytest.raises(ValueError, match="_no_split_modules"):
+        ModelRegistry.register("plain", Plain(), tok, compile=True)
