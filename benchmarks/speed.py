@@ -177,7 +177,7 @@ def gpu(args) -> dict:
                                                                            **kw), args.repeats)
             rows.append(row)
             checkpoint(args, rows)
-            print({k: v for k, v in row.items() if k != "_ours_prompt"}, flush=True)
+            print(row, flush=True)
         extra = {}
         if shape == "smollm2-135m-shape":
             extra["concurrency"] = concurrency(engine, docs, questions, args.calls)
@@ -191,8 +191,7 @@ def gpu(args) -> dict:
         pc = engine = None
         release_models()
         if shape in args.compile_shapes:
-            compiled(args, shape, model, tok, [r for r in rows if r["case"].split()[1:2] == [shape]
-                                               and not r["case"].startswith("_extra")],
+            compiled(args, shape, model, tok, [r for r in rows if r["case"].split()[1:2] == [shape]],
                      {c["name"]: c for c in cases}, q)
             checkpoint(args, rows)
         model = None
@@ -234,7 +233,7 @@ def compiled(args, shape: str, model, tok, rows: list[dict], cases: dict, q: str
         row.update(compiled_s=seconds, compiled_first_call_s=cold, compiled_ratio=row["reference_s"] / seconds,
                    compiled_default_mode_s=default_s,
                    compiled_f1_vs_eager=words_f1(out["compressed_prompt"], row.pop("_ours_prompt")))
-        print({k: v for k, v in row.items() if k != "_ours_prompt"}, flush=True)
+        print(row, flush=True)
 
 
 def checkpoint(args, rows: list[dict]) -> None:
@@ -377,7 +376,7 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 5))
     y = range(len(rows))
     ax.barh([i + 0.27 for i in y], drop_in, height=0.27, label="ours, drop-in PromptCompressor (same algorithm)")
-    ax.barh(list(y), compiled_, height=0.27, label="ours, drop-in with compile=True")
+    ax.barh(list(y), compiled_, height=0.27, label="ours, drop-in with compile=True (7B)")
     ax.barh([i - 0.27 for i in y], default, height=0.27, label="ours, default mode")
     for i, r in enumerate(rows):
         goal = 12 if "LLMLingua-2" in r["case"] else 4 if "7b" in r["case"] else 15
@@ -401,7 +400,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=64)
     ap.add_argument("--cases", type=int, default=3, help="CPU: how many 20-document cases")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--compile-shapes", nargs="*", default=list(SHAPES),
+    ap.add_argument("--compile-shapes", nargs="*", default=["llama2-7b-shape"],
                     help="shapes also timed with compile=True (none: skip)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--plot", metavar="JSON", help="only draw docs/speed.png from a results file")

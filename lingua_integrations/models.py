@@ -399,14 +399,6 @@ def compile_blocks(model: Any) -> int:
     if not blocks:
         raise ValueError(f"compile=True: cannot find the repeated layers of {type(model).__name__} (it lists no "
                          "_no_split_modules); drop the compile option or compile the model yourself and register it")
-    # A layer that writes a KV cache indexes it by its own layer number, so each layer gets
-    # its own compiled entry there (the kernels are shared through inductor's graph cache):
-    # dynamo's default of 8 entries per function would leave the other layers eager.
-    import torch._dynamo.config as dynamo_config
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if isinstance(getattr(dynamo_config, name, None), int):
-            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 3 * len(blocks)))
     for block in blocks:
         block.compile(dynamic=True)
     return len(blocks)
