@@ -12,8 +12,6 @@ output, so the rounding error is of the same size as on the GPU; the CPU is only
 
 Writes ``benchmarks/results/fidelity.{json,md}``. This is the measurement behind
 ``resolve_dtype``'s GPU default (float16 for the causal LM, bfloat16 for the classifier).
-``float16+compile`` is float16 with the opt-in ``compile=True`` (fused kernels round
-their intermediates differently from the eager ones).
 """
 
 from __future__ import annotations
@@ -34,9 +32,7 @@ from speed import LONG, load_passages, words_f1  # noqa: E402
 from lingua_integrations import CompressionEngine  # noqa: E402
 from lingua_integrations.compat import PromptCompressor  # noqa: E402
 
-# label -> (dtype, loading options)
-VARIANTS = {"float32": ("float32", {}), "float16": ("float16", {}), "bfloat16": ("bfloat16", {}),
-            "float16+compile": ("float16", {"compile": True})}
+DTYPES = ("float32", "float16", "bfloat16")
 FIRST_ROW = 100  # cases start here (rows 0-99 are the speed benchmark's)
 
 
@@ -45,10 +41,10 @@ def cases(n: int) -> list[tuple[list[str], str]]:
     return [(docs[FIRST_ROW + 20 * k : FIRST_ROW + 20 * k + 20], questions[FIRST_ROW + 20 * k]) for k in range(n)]
 
 
-def outputs(dtype: str, work: list[tuple[list[str], str]], **options) -> dict[str, list[str]]:
+def outputs(dtype: str, work: list[tuple[list[str], str]]) -> dict[str, list[str]]:
     """Compressed prompts of every case in three settings, in one dtype."""
-    pc = PromptCompressor("smollm2-135m", device_map="cpu", model_config={"dtype": dtype, **options})
-    engine = CompressionEngine("smollm2-135m", device="cpu", dtype=dtype, **options)  # its own ranking cache
+    pc = PromptCompressor("smollm2-135m", device_map="cpu", model_config={"dtype": dtype})
+    engine = CompressionEngine("smollm2-135m", device="cpu", dtype=dtype)  # its own ranking cache
     out: dict[str, list[str]] = {"drop-in LongLLMLingua": [], "default mode": [], "LLMLingua-2 (classifier)": []}
     for ctx, q in work:
         out["drop-in LongLLMLingua"].append(pc.compress_prompt(ctx, question=q, rate=0.33, **LONG)["compressed_prompt"])
@@ -64,14 +60,14 @@ def main() -> None:
     args = ap.parse_args()
     work = cases(args.cases)
     seconds, runs = {}, {}
-    for label, (dtype, options) in VARIANTS.items():
+    for dtype in DTYPES:
         t = time.perf_counter()
-        runs[label] = outputs(dtype, work, **options)
-        seconds[label] = time.perf_counter() - t
-        print(f"{label}: {seconds[label]:.1f} s", flush=True)
+        runs[dtype] = outputs(dtype, work)
+        seconds[dtype] = time.perf_counter() - t
+        print(f"{dtype}: {seconds[dtype]:.1f} s", flush=True)
     rows = []
     for setting in runs["float32"]:
-        for dtype in list(VARIANTS)[1:]:
+        for dtype in DTYPES[1:]:
             f1 = [words_f1(a, b) for a, b in zip(runs["float32"][setting], runs[dtype][setting])]
             rows.append({"setting": setting, "dtype": dtype, "mean_f1": statistics.mean(f1), "min_f1": min(f1),
                          "f1": f1})

@@ -167,7 +167,6 @@ def gpu(args) -> dict:
             seconds, out = timeit(lambda: pc.compress_prompt(case["context"], **case["kwargs"]), args.repeats)
             r = ref[case["name"]]
             row = {"case": case["name"], "reference_s": r["seconds"], "ours_s": seconds, "ours_first_call_s": cold,
-                   "_ours_prompt": out["compressed_prompt"],
                    "ratio": r["seconds"] / seconds, "reference_rate": r["rate"], "ours_rate": out["rate"],
                    "origin_tokens": out["origin_tokens"], "f1_vs_reference": words_f1(out["compressed_prompt"],
                                                                                       r["compressed_prompt"])}
@@ -187,14 +186,7 @@ def gpu(args) -> dict:
         rows.append({"case": f"_extra {shape}", **extra})
         checkpoint(args, rows)
         print(extra, flush=True)
-        model = engine.loaded.model
         pc = engine = None
-        release_models()
-        if shape in args.compile_shapes:
-            compiled(args, shape, model, tok, [r for r in rows if r["case"].split()[1:2] == [shape]],
-                     {c["name"]: c for c in cases}, q)
-            checkpoint(args, rows)
-        model = None
         release_models()
 
     # LLMLingua-2 on the XLM-R-large shape (BERT vocabulary, as the reference's run)
@@ -209,31 +201,7 @@ def gpu(args) -> dict:
                  "encoder_forward_s": encoder_s, "ours_over_encoder": seconds / encoder_s,
                  "reference_rate": r["rate"], "ours_rate": out["rate"], "origin_tokens": out["origin_tokens"]})
     print(rows[-1], flush=True)
-    for row in rows:
-        row.pop("_ours_prompt", None)
     return {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}
-
-
-def compiled(args, shape: str, model, tok, rows: list[dict], cases: dict, q: str) -> None:
-    """The same calls with the opt-in ``compile=True`` (layers compiled in place: after the
-    eager measurements), added to ``rows``: time, first call (compilation), ratio, and the
-    kept-word F1 against the eager run (fused kernels round differently)."""
-    ModelRegistry.register(shape, model, tok, compile=True)
-    pc = PromptCompressor(shape, device_map="cuda", model_config={"compile": True})
-    for row in rows:
-        case = cases[row["case"]]
-        cold = time.perf_counter()
-        pc.compress_prompt(case["context"], **case["kwargs"])  # the first call compiles
-        sync()
-        cold = time.perf_counter() - cold
-        seconds, out = timeit(lambda: pc.compress_prompt(case["context"], **case["kwargs"]), args.repeats)
-        method = "longllmlingua" if "question" in case["kwargs"] else "llmlingua"
-        kw = {"question": q} if method == "longllmlingua" else {}
-        default_s, _ = timeit(lambda: pc.engine.compress(case["context"], method=method, rate=0.3, **kw), args.repeats)
-        row.update(compiled_s=seconds, compiled_first_call_s=cold, compiled_ratio=row["reference_s"] / seconds,
-                   compiled_default_mode_s=default_s,
-                   compiled_f1_vs_eager=words_f1(out["compressed_prompt"], row.pop("_ours_prompt")))
-        print(row, flush=True)
 
 
 def checkpoint(args, rows: list[dict]) -> None:
@@ -338,22 +306,18 @@ def cpu(args) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [f"device: {result['device']}", "",
-             "| case | reference s | ours s | ratio | ours default mode s | ours, compile=True: drop-in s (ratio) / default s "
-             "| notes |", "|---|---|---|---|---|---|---|"]
+             "| case | reference s | ours s | ratio | ours default mode s | notes |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if r["case"].startswith("_extra"):
             continue
         notes = []
-        for key in ("ours_first_call_s", "encoder_forward_s", "ours_over_encoder", "f1_vs_reference",
-                    "compiled_first_call_s", "compiled_f1_vs_eager"):
+        for key in ("ours_first_call_s", "encoder_forward_s", "ours_over_encoder", "f1_vs_reference"):
             if key in r:
                 notes.append(f"{key} {r[key]:.3f}")
         if "reference_rate" in r:
             notes.append(f"rates ref {r['reference_rate']} ours {r['ours_rate']}")
-        comp = (f"{r['compiled_s']:.3f} ({r['compiled_ratio']:.1f}x) / {r['compiled_default_mode_s']:.3f}"
-                if "compiled_s" in r else "")
         lines.append(f"| {r['case']} | {r['reference_s']:.3f} | {r['ours_s']:.3f} | {r['ratio']:.1f}x | "
-                     f"{r.get('ours_default_mode_s', float('nan')):.3f} | {comp} | {'; '.join(notes)} |")
+                     f"{r.get('ours_default_mode_s', float('nan')):.3f} | {'; '.join(notes)} |")
     for r in result["rows"]:
         if r["case"].startswith("_extra"):
             lines += ["", f"{r['case'][7:]}:", "```", json.dumps({k: v for k, v in r.items() if k != "case"}, indent=1),
@@ -372,18 +336,16 @@ def plot(result: dict, path: Path) -> None:
     labels = [r["case"].replace("-shape", "").replace(" docs", "d") for r in rows]
     drop_in = [r["ratio"] for r in rows]
     default = [r["reference_s"] / r["ours_default_mode_s"] if r.get("ours_default_mode_s") else 0 for r in rows]
-    compiled_ = [r.get("compiled_ratio", 0) for r in rows]
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     y = range(len(rows))
-    ax.barh([i + 0.27 for i in y], drop_in, height=0.27, label="ours, drop-in PromptCompressor (same algorithm)")
-    ax.barh(list(y), compiled_, height=0.27, label="ours, drop-in with compile=True (7B)")
-    ax.barh([i - 0.27 for i in y], default, height=0.27, label="ours, default mode")
+    ax.barh([i + 0.2 for i in y], drop_in, height=0.4, label="ours, drop-in PromptCompressor (same algorithm)")
+    ax.barh([i - 0.2 for i in y], default, height=0.4, label="ours, default mode")
     for i, r in enumerate(rows):
         goal = 12 if "LLMLingua-2" in r["case"] else 4 if "7b" in r["case"] else 15
         ax.plot([goal, goal], [i - 0.45, i + 0.45], color="black", lw=1.5)
     ax.set_yticks(list(y), labels, fontsize=8)
     ax.set_xlabel("times faster than llmlingua 0.2.2 (same run, same inputs); black tick: goal")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="lower right")
     ax.set_title(f"{result['device']}: median of 3 after a warm-up", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -400,8 +362,6 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=64)
     ap.add_argument("--cases", type=int, default=3, help="CPU: how many 20-document cases")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--compile-shapes", nargs="*", default=["llama2-7b-shape"],
-                    help="shapes also timed with compile=True (none: skip)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--plot", metavar="JSON", help="only draw docs/speed.png from a results file")
     args = ap.parse_args()

@@ -217,9 +217,7 @@ class CompressionEngine:
         max_input_tokens: calls with a longer prompt (target-LLM tokens) are refused with
             a ``ValueError`` before any model work, instead of keeping a service busy for
             minutes (a 2 MB document is ~500k tokens); ``None`` lifts the limit.
-        model_options: ``trust_remote_code``, ``allow_pickle``, ``compile`` (``torch.compile``
-            the model's layers: worth it for a big model on a GPU that serves many calls,
-            after a first call of ~40 s; see :func:`~.models.compile_blocks`) and other
+        model_options: ``trust_remote_code``, ``allow_pickle`` and other
             ``from_pretrained`` keyword arguments.
     """
 

@@ -12,10 +12,8 @@ Models are loaded from safetensors only and without remote code unless the calle
 opts in (``allow_pickle=True`` / ``trust_remote_code=True``): a retriever pipeline
 should not execute a checkpoint's pickle just because someone pointed it at a repo.
 
-:class:`ModelRegistry` keeps one loaded model per (model, device, dtype, options) per
-process, so every compressor object, adapter and thread shares it. The option
-``compile=True`` compiles the model's layers (:func:`compile_blocks`): on a GPU the 7B
-shape's calls are ~15-20% faster after a ~40 s first call; on a CPU it gains nothing.
+:class:`ModelRegistry` keeps one loaded model per (model, device, dtype) per process,
+so every compressor object, adapter and thread shares it.
 """
 
 from __future__ import annotations
@@ -384,27 +382,7 @@ def load_half_or_bfloat16(loader, model: str, device: str, **options: Any) -> Lo
     return loader(model, device, torch.bfloat16, **options)
 
 
-def compile_blocks(model: Any) -> int:
-    """Compile the model's repeated blocks (decoder or encoder layers) with ``torch.compile``:
-    "regional" compilation, so the identical layers share one compiled graph and the first
-    call compiles one layer, not the whole model (~40 s for the 7B shape vs ~8 minutes).
-
-    Why: on a GPU a 7B model's ITPC windows spend about a third of their device time in
-    small elementwise kernels (fp32 RMSNorm, rotary embedding, SwiGLU, residual adds) that
-    compilation fuses (docs/benchmarks.md). The blocks are the classes transformers lists
-    in ``_no_split_modules``. Returns how many modules were compiled.
-    """
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise ValueError(f"compile=True: cannot find the repeated layers of {type(model).__name__} (it lists no "
-                         "_no_split_modules); drop the compile option or compile the model yourself and register it")
-    for block in blocks:
-        block.compile(dynamic=True)
-    return len(blocks)
-
-
-_DEFAULT_OPTIONS = {"trust_remote_code": False, "allow_pickle": False, "compile": False}
+_DEFAULT_OPTIONS = {"trust_remote_code": False, "allow_pickle": False}
 
 
 def options_key(options: dict[str, Any]) -> tuple:
@@ -437,13 +415,9 @@ class ModelRegistry:
             lock = cls._locks.setdefault(key, threading.Lock())
         with lock:
             if key not in cls._models:
-                load_options = {k: v for k, v in options.items() if k != "compile"}
                 auto_half = dt == torch.float16 and (dtype is None or dtype == "auto")
-                loaded = (load_half_or_bfloat16(loader, model, dev, **load_options) if auto_half
-                          else loader(model, dev, dt, **load_options))
-                if options.get("compile"):
-                    compile_blocks(loaded.model)
-                cls._models[key] = loaded
+                cls._models[key] = (load_half_or_bfloat16(loader, model, dev, **options) if auto_half
+                                    else loader(model, dev, dt, **options))
             return cls._models[key]
 
     @classmethod
@@ -459,9 +433,7 @@ class ModelRegistry:
     @classmethod
     def register(cls, name: str, model: Any, tokenizer: Any, kind: str = "causal", **options: Any) -> LoadedModel:
         """Serve an already built model under ``name`` (for a model you constructed or
-        quantised yourself): engines created with ``model=name`` on its device and dtype use it.
-        ``compile=True`` compiles that model's layers in place (:func:`compile_blocks`), for
-        engines created with ``compile=True``."""
+        quantised yourself): engines created with ``model=name`` on its device and dtype use it."""
         if kind not in ("causal", "token-classification"):
             raise ValueError("kind must be 'causal' or 'token-classification'")
         if not getattr(tokenizer, "is_fast", False):
@@ -469,8 +441,6 @@ class ModelRegistry:
         param = next(model.parameters())
         dev = "cuda" if param.device.type == "cuda" and param.device.index in (None, 0) else str(param.device)
         loaded = LoadedModel(name=name, path=name, model=model.eval(), tokenizer=tokenizer, device=dev, dtype=param.dtype)
-        if options.get("compile"):
-            compile_blocks(model)
         with cls._guard:
             cls._models[(kind, name, dev, param.dtype, options_key(options))] = loaded
         return loaded
