@@ -94,7 +94,8 @@ class SurprisalRunner:
         self.max_positions = max_positions
         self.graphs = (self.device.type == "cuda") if graphs == "auto" else bool(graphs) and self.device.type == "cuda"
         self.max_padding = (0.1 if self.device.type == "cpu" else None) if max_padding == "auto" else max_padding
-        self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        # (rows, width, packed) -> (graph, static ids, static position ids or None, loss)
+        self._captured: dict[tuple[int, int, bool], tuple] = {}
         self._pool = None
         self._keep_logits = True  # the model takes logits_to_keep (transformers' causal LMs do)
         self.pack = pack
@@ -251,6 +252,7 @@ class SurprisalRunner:
                 if self._keep_logits and len(cols) < 0.8 * (width - 1):
                     scored = self._loss(ids.to(self.device), cols.to(self.device), pos.to(self.device)).to("cpu")
                     loss = torch.full((shape[0], width - 1), math.nan)
+                    # a model that refused a tensor logits_to_keep returned every column
                     loss[:, cols] = scored if scored.shape[1] == len(cols) else scored[:, cols]
                 else:
                     loss = self._loss(ids.to(self.device), positions=pos.to(self.device)).to("cpu")
