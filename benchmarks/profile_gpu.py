@@ -40,6 +40,23 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t, result
 
 
+def interleaved(call, settings: tuple, apply, runner, rounds: int = 3) -> tuple[dict, dict, dict]:
+    """A/B timing of ``call`` under each of ``settings`` (``apply(setting)`` switches it), the
+    settings alternating within each round so drift in the host hits all alike: the median
+    seconds, the last compressed text and the device passes of one call, per setting."""
+    times: dict = {s: [] for s in settings}
+    outs, passes = {}, {}
+    for _ in range(rounds):
+        for setting in settings:
+            apply(setting)
+            before = runner.forward_passes
+            seconds, result = timed(call)
+            passes[setting] = runner.forward_passes - before
+            outs[setting] = result["compressed_prompt"] if isinstance(result, dict) else result.compressed_prompt
+            times[setting].append(seconds)
+    return {s: sorted(t)[len(t) // 2] for s, t in times.items()}, outs, passes
+
+
 def profiled(label: str, fn, out: Path, repeats: int = 3, top: int = 35) -> float:
     fn()
     torch.cuda.synchronize()
@@ -118,17 +135,11 @@ def main() -> None:
         if args.compare_padding and not runner.graphs:
             for nd in args.docs:
                 for method, kw in methods(q):
-                    times: dict = {0.1: [], None: []}
-                    outs = {}
-                    for _ in range(3):
-                        for cap in times:
-                            runner.max_padding = cap
-                            seconds, result = timed(lambda: pc.compress_prompt(docs[:nd], **kw))
-                            outs[cap] = result["compressed_prompt"]
-                            times[cap].append(seconds)
+                    call = lambda: pc.compress_prompt(docs[:nd], **kw)  # noqa: E731
+                    med, outs, _ = interleaved(call, (0.1, None), lambda cap: setattr(runner, "max_padding", cap), runner)
                     runner.max_padding = 0.1
-                    print(f"  {method} {nd} docs: padding capped {sorted(times[0.1])[1]:.3f} s, uncapped "
-                          f"{sorted(times[None])[1]:.3f} s, kept-word F1 {speed.words_f1(outs[0.1], outs[None]):.4f}",
+                    print(f"  {method} {nd} docs: padding capped {med[0.1]:.3f} s, uncapped "
+                          f"{med[None]:.3f} s, kept-word F1 {speed.words_f1(outs[0.1], outs[None]):.4f}",
                           flush=True)
         if args.compare_packing:
             for nd in args.docs:
@@ -137,23 +148,14 @@ def main() -> None:
                     calls = {"drop-in": lambda: pc.compress_prompt(docs[:nd], **kw),
                              "default": lambda: engine.compress(docs[:nd], method=method, rate=0.3, **dkw)}
                     for label, call in calls.items():
-                        times: dict = {"auto": [], False: []}
-                        outs, passes = {}, {}
-                        for pack in times:
+                        for pack in ("auto", False):  # warm-up: graph captures and the packing probe
                             runner.pack = pack
                             call()
-                        for _ in range(3):
-                            for pack in times:
-                                runner.pack = pack
-                                before = runner.forward_passes
-                                seconds, result = timed(call)
-                                passes[pack] = runner.forward_passes - before
-                                text = result["compressed_prompt"] if isinstance(result, dict) else result.compressed_prompt
-                                outs[pack] = text
-                                times[pack].append(seconds)
+                        med, outs, passes = interleaved(call, ("auto", False),
+                                                        lambda pack: setattr(runner, "pack", pack), runner)
                         runner.pack = "auto"
-                        print(f"  {method} {label} {nd} docs: packed {sorted(times['auto'])[1]:.3f} s "
-                              f"({passes['auto']} passes), padded {sorted(times[False])[1]:.3f} s ({passes[False]}), "
+                        print(f"  {method} {label} {nd} docs: packed {med['auto']:.3f} s "
+                              f"({passes['auto']} passes), padded {med[False]:.3f} s ({passes[False]}), "
                               f"kept-word F1 {speed.words_f1(outs['auto'], outs[False]):.4f}, probe {runner._pack_ok}",
                               flush=True)
         if args.kernels:
