@@ -218,6 +218,55 @@ def main() -> None:
         ids = torch.randint(1000, 30000, (80, 512), device="cuda")
         with torch.inference_mode():
             profiled("encoder-80x512", lambda: enc(input_ids=ids).logits.sum().item(), out)
+        llmlingua2_phases(pc2, big)
+
+
+def llmlingua2_phases(pc2: PromptCompressor, text: str, rounds: int = 5) -> None:
+    """Where a drop-in LLMLingua-2 call's time goes around the encoder (medians, ms): host
+    work before the first launch, launching, host work while the device runs, waiting for
+    the device, and host work after; plus the encoder passes alone on the call's own batches."""
+    from lingua_integrations import token_classification as tc
+
+    marks: dict[str, float] = {}
+    clf = pc2.engine.classifier
+    keep_probs, wait = tc.TokenClassifier._keep_probs, tc.PendingWords.wait
+    batches: list = []
+
+    def timed_keep_probs(self, jobs, encoded, base):
+        marks["launch"] = time.perf_counter()
+        result = keep_probs(self, jobs, encoded, base)
+        marks["launched"] = time.perf_counter()
+        batches[:] = [(jobs, encoded, base)]
+        return result
+
+    def timed_wait(self):
+        marks["wait"] = time.perf_counter()
+        result = wait(self)
+        marks["waited"] = time.perf_counter()
+        return result
+
+    tc.TokenClassifier._keep_probs, tc.PendingWords.wait = timed_keep_probs, timed_wait
+    phases: dict[str, list[float]] = {k: [] for k in ("before launch", "launching", "host while device runs",
+                                                      "waiting for device", "after", "total")}
+    try:
+        for _ in range(rounds + 1):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            pc2.compress_prompt(text, rate=0.33, force_tokens=["\n", "?"])
+            t1 = time.perf_counter()
+            for key, value in (("before launch", marks["launch"] - t0), ("launching", marks["launched"] - marks["launch"]),
+                               ("host while device runs", marks["wait"] - marks["launched"]),
+                               ("waiting for device", marks["waited"] - marks["wait"]),
+                               ("after", t1 - marks["waited"]), ("total", t1 - t0)):
+                phases[key].append(value)
+    finally:
+        tc.TokenClassifier._keep_probs, tc.PendingWords.wait = keep_probs, wait
+    for key, values in phases.items():
+        print(f"  llmlingua2 phase {key:24s} {1000 * sorted(values[1:])[rounds // 2]:7.1f} ms", flush=True)
+    seconds, _ = timed(lambda: clf._keep_probs(*batches[0]).sum().item())
+    seconds, _ = timed(lambda: clf._keep_probs(*batches[0]).sum().item())
+    jobs = batches[0][0]
+    print(f"  llmlingua2 encoder passes alone on the call's {len(jobs)} windows: {1000 * seconds:.1f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -41,47 +41,97 @@ from .structured import parse_spans
 from .token_classification import ClassifiedText, count_distinct, prepare
 
 
-def _reference_select(ct: ClassifiedText, reduce_rate: float, count, drop_consecutive: bool, tokenizer) -> None:
+def _reference_sizes(ct: ClassifiedText, count, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Each word *as the model sees it* (its sub-tokens joined: lower-cased by uncased
+    tokenizers; an object array) and its target-LLM tokens, as the reference counts them.
+    Needs no probabilities, so it runs while the encoder does."""
+    distinct, which = _model_views(ct, tokenizer)
+    return np.array(distinct, dtype=object)[which], count_distinct(distinct, count, space=1)[which]
+
+
+def _reference_select(ct: ClassifiedText, reduce_rate: float, views: tuple[np.ndarray, np.ndarray] | None,
+                      drop_consecutive: bool) -> None:
     """The reference's word choice, window by window: a word stays when its probability
     (1.0 if forced) is above the window's percentile ``100 * reduce_rate + 1`` of the word
-    probabilities repeated once per target-LLM token of the word *as the model sees it*
-    (its sub-tokens joined: lower-cased by uncased tokenizers, as the reference counts)."""
-    if reduce_rate <= 0:
+    probabilities repeated once per target-LLM token of the word (``views``: from
+    :func:`_reference_sizes`)."""
+    if reduce_rate <= 0 or views is None:
         ct.kept = np.ones(len(ct), dtype=bool)
         return
     probs = np.where(ct.forced, 1.0, ct.probs)
-    texts = _model_views(ct, tokenizer)
-    sizes = count_distinct(texts, count, space=1)
-    kept = np.zeros(len(ct), dtype=bool)
-    for c in np.unique(ct.chunks):
-        idx = np.flatnonzero(ct.chunks == c)
-        p = probs[idx].copy()
-        if drop_consecutive:  # a forced word repeating the previous forced word, with no kept word between, goes
-            cut = float(np.percentile(p, int(100 * reduce_rate)))
-            between, prev = False, None
-            for j, k in enumerate(idx.tolist()):
-                if ct.forced[k]:
-                    if between:
-                        between = False
-                    elif texts[k] == prev:
-                        p[j] = 0.0
-                    prev = texts[k]
-                else:
-                    between |= p[j] > cut
-        cut = float(np.percentile(np.repeat(p, sizes[idx]), int(100 * reduce_rate + 1)))
-        kept[idx] = (p > cut) | ((cut == 1.0) & (p == 1.0))
-    ct.kept = kept
+    texts, sizes = views
+    _, window = np.unique(ct.chunks, return_inverse=True)
+    window = window.ravel()
+    if drop_consecutive:  # a forced word repeating the previous forced word, with no kept word between, goes
+        cut = _window_percentiles(probs, np.ones(len(probs), dtype=np.int64), window, int(100 * reduce_rate))[window]
+        between, prev, current = False, None, -1
+        for k in np.argsort(window, kind="stable").tolist():
+            if window[k] != current:  # each window starts afresh
+                between, prev, current = False, None, window[k]
+            if ct.forced[k]:
+                if between:
+                    between = False
+                elif texts[k] == prev:
+                    probs[k] = 0.0
+                prev = texts[k]
+            else:
+                between |= bool(probs[k] > cut[k])
+    cut = _window_percentiles(probs, sizes, window, int(100 * reduce_rate + 1))[window]
+    ct.kept = (probs > cut) | ((cut == 1.0) & (probs == 1.0))
 
 
-def _model_views(ct: ClassifiedText, tokenizer) -> list[str]:
-    """Each word as the model sees it, worked out once per distinct (word, first sub-token)."""
-    ids, lo, hi = ct.token_ids.tolist(), ct.tok_lo.tolist(), ct.tok_hi.tolist()
-    firsts = np.where(ct.tok_hi > ct.tok_lo, ct.token_ids[np.minimum(ct.tok_lo, max(len(ids) - 1, 0))]
-                      if ids else -1, -1).tolist()
-    keys = list(zip(ct.words, firsts))
-    where = dict(zip(keys, zip(lo, hi)))  # one occurrence of each distinct key
-    views = {k: k[0] if k[1] < 0 else _model_view(tokenizer, tuple(ids[a:b])) for k, (a, b) in where.items()}
-    return list(map(views.__getitem__, keys))
+def _window_percentiles(values: np.ndarray, repeats: np.ndarray, window: np.ndarray, percent: int) -> np.ndarray:
+    """Per window ``w``: ``np.percentile(np.repeat(values[window == w], repeats[...]), percent)``
+    (numpy's default linear method, same arithmetic) for all windows at once, without
+    building the repeated arrays. ``window``: 0..W-1 per value; ``repeats`` >= 1."""
+    order = np.lexsort((values, window))
+    v = values[order]
+    cum = np.cumsum(repeats[order])
+    n = np.bincount(window, weights=repeats).astype(np.int64)  # repeated values per window
+    before = np.concatenate([[0], np.cumsum(n)[:-1]])  # repeated values in the windows before
+    index = (n - 1) * np.true_divide(percent, 100)
+    lower = np.floor(index)
+    gamma = index - lower
+    lower = np.minimum(lower.astype(np.int64), n - 1)
+    upper = np.minimum(lower + 1, n - 1)
+    a = v[np.searchsorted(cum, before + lower, side="right")]
+    b = v[np.searchsorted(cum, before + upper, side="right")]
+    diff = b - a
+    return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+
+
+_KEY_BITS = 21  # a word of up to three sub-tokens packs into one int64 key (ids below 2**21 - 1)
+
+
+def _model_views(ct: ClassifiedText, tokenizer) -> tuple[list[str], np.ndarray]:
+    """The words as the model sees them, worked out once per distinct sub-token sequence:
+    the views, and per word the index of its view. Words of up to three sub-tokens (nearly
+    all) are grouped by a packed integer key in numpy; longer words and inserted line
+    breaks (their own text) go one by one."""
+    ids, lo = ct.token_ids, ct.tok_lo
+    lengths = ct.tok_hi - lo
+    short = (lengths >= 1) & (lengths <= 3)
+    if len(ids) and int(ids.max()) + 1 >= 1 << _KEY_BITS:
+        short[:] = False
+    which = np.zeros(len(ct), dtype=np.int64)
+    distinct: list[str] = []
+    if short.any():
+        key = np.zeros(int(short.sum()), dtype=np.int64)
+        s_lo, s_len = lo[short], lengths[short]
+        for j in range(3):
+            token = np.where(s_len > j, ids[np.minimum(s_lo + j, len(ids) - 1)] + 1, 0)
+            key |= token << (_KEY_BITS * j)
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        distinct = [_model_view(tokenizer, tuple(ids[a : a + n].tolist()))
+                    for a, n in zip(s_lo[first].tolist(), s_len[first].tolist())]
+        which[short] = inverse.ravel()
+    rest = np.flatnonzero(~short)
+    if len(rest):
+        words = ct.words
+        which[rest] = np.arange(len(distinct), len(distinct) + len(rest))
+        distinct += [words[k] if n == 0 else _model_view(tokenizer, tuple(ids[a : a + n].tolist()))
+                     for k, a, n in zip(rest.tolist(), lo[rest].tolist(), lengths[rest].tolist())]
+    return distinct, which
 
 
 @functools.lru_cache(maxsize=65536)
@@ -313,10 +363,13 @@ class PromptCompressor:
         if sum(len(c.encode("utf-8", "surrogatepass")) for c in contexts) > (self.engine.max_input_tokens or math.inf):
             # a token is at least one byte: only input with more bytes than the limit can be too long
             self.engine.check_input_size(origin_counted.result())
-        docs = self.engine.classifier.classify(contexts, chunk_end_tokens)
+        pending = self.engine.classifier.submit(contexts, chunk_end_tokens)
+        docs = pending.texts  # while the encoder runs: force words, count them as the reference does
+        prepare(docs, force_tokens, force_reserve_digit)
+        views = [_reference_sizes(ct, count, self.tokenizer) for ct in docs] if use_token_level_filter else []
+        pending.wait()
         origin = origin_counted.result()
         self.engine.check_input_size(origin)
-        prepare(docs, force_tokens, force_reserve_digit)
         keep = list(range(len(contexts)))
         if use_context_level_filter and len(contexts) > 1:
             if target_context <= 0 and context_level_rate >= 1.0 and context_level_target_token <= 0:
@@ -337,7 +390,7 @@ class PromptCompressor:
             rate = min(target_token / origin, 1.0)
         reduce = max(0.0, 1 - rate) if use_token_level_filter else 0.0
         for i in keep:
-            _reference_select(docs[i], reduce, count, drop_consecutive, self.tokenizer)
+            _reference_select(docs[i], reduce, views[i] if views else None, drop_consecutive)
         compressed = [docs[i].compressed(drop_consecutive) for i in keep]
         prompt = SEPARATOR.join(compressed)
         res = _result(prompt, origin, sum(count(c) for c in compressed), compressed_prompt_list=compressed)

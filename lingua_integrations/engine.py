@@ -34,7 +34,7 @@ from .ranking import Ranked, fuse, rank_contexts
 from .recovery import recover as _recover
 from .scoring import CausalScorer
 from .structured import parse_spans
-from .token_classification import TokenClassifier, fit_total, prepare, select_words
+from .token_classification import TokenClassifier, count_distinct, fit_total, prepare, select_words
 from .units import Granularity, salient_units, token_units
 from .tokens import DEFAULT_ENCODING, TokenCounter, TokenCounterLike
 
@@ -558,12 +558,14 @@ class CompressionEngine:
         """LLMLingua-2's fine step: keep each kept context's most probable words, at the
         context's rate (the budget's share, shifted by its rank's dynamic ratio)."""
         missing = [i for i in used if i not in classified]
-        classified = {**classified, **dict(zip(missing, self.classifier.classify([texts[i] for i in missing],
-                                                                                 chunk_end_tokens)))}
+        pending = self.classifier.submit([texts[i] for i in missing], chunk_end_tokens)
+        classified = {**classified, **dict(zip(missing, pending.texts))}
         tau = 1.0 if context_target is None or not total else min(1.0, context_target / total)
         docs = [classified[i] for i in used]
-        prepare(docs, force_tokens, force_digits)
-        sizes = select_words(docs, [bc.clamp_rate(tau, delta_of.get(i, 0.0)) for i in used], self.count, prefer_salient)
+        prepare(docs, force_tokens, force_digits)  # word work needs no probabilities: done while the encoder runs
+        sizes = [count_distinct(ct.words, self.count) for ct in docs]
+        pending.wait()
+        select_words(docs, [bc.clamp_rate(tau, delta_of.get(i, 0.0)) for i in used], sizes, prefer_salient)
         if context_target is not None and total:
             # word sizes are counted word by word (a little more than the joined text's
             # tokens): the budget is scaled into the same units

@@ -89,7 +89,20 @@ class ClassifiedText:
     def _permute(self, order: np.ndarray) -> None:
         for name in ("starts", "ends", "probs", "chunks", "tok_lo", "tok_hi", "forced", "kept"):
             setattr(self, name, getattr(self, name)[order])
-        self._texts = None
+        if self._texts is not None and len(self._texts) == len(order):
+            self._texts = [self._texts[k] for k in order.tolist()]
+        else:
+            self._texts = None
+
+    def set_token_probs(self, token_probs: np.ndarray) -> None:
+        """Each word's keep probability: the mean over its sub-tokens' (``token_probs``, one
+        per entry of ``token_ids``); words without sub-tokens (inserted line breaks) keep 0."""
+        probs = np.zeros(len(self))
+        has = np.flatnonzero(self.tok_hi > self.tok_lo)
+        if len(has):  # the words with sub-tokens partition the tokens, in order
+            sums = np.add.reduceat(token_probs.astype(np.float64), self.tok_lo[has])
+            probs[has] = sums / (self.tok_hi[has] - self.tok_lo[has])
+        self.probs = probs
 
     @property
     def mean_prob(self) -> float:
@@ -138,6 +151,26 @@ def _pieces(text: str, size: int = PIECE_CHARS) -> list[int]:
     return starts
 
 
+class PendingWords:
+    """The words of a ``TokenClassifier.submit`` call, whose keep probabilities the device is
+    still computing: ``texts`` can be worked on (line breaks inserted, words forced and
+    counted) before ``wait`` fills in ``probs``."""
+
+    def __init__(self, texts: list[ClassifiedText], flat: torch.Tensor | None, base: np.ndarray,
+                 valids: list[np.ndarray]) -> None:
+        self.texts = texts
+        self._flat, self._base, self._valids = flat, base, valids
+
+    def wait(self) -> list[ClassifiedText]:
+        """Wait for the device and set every word's keep probability; returns ``texts``."""
+        if self._flat is not None:
+            probs = self._flat.float().cpu().numpy()
+            for i, (ct, valid) in enumerate(zip(self.texts, self._valids)):
+                ct.set_token_probs(probs[self._base[i] : self._base[i + 1]][valid])
+            self._flat = None
+        return self.texts
+
+
 class TokenClassifier:
     """Keep probabilities per word from a token-classification model (shared, thread-safe)."""
 
@@ -167,12 +200,12 @@ class TokenClassifier:
                              return_offsets_mapping=True)
         parts: list[list] = [[] for _ in texts]
         for j, (ti, s, _) in enumerate(jobs):
-            n = len(enc["input_ids"][j])
-            ids = np.fromiter(enc["input_ids"][j], dtype=np.int64, count=n)
-            offsets = np.fromiter(chain.from_iterable(enc["offset_mapping"][j]), dtype=np.int64,
-                                  count=2 * n).reshape(-1, 2) + s
-            wids = np.fromiter((-1 if w is None else w for w in enc.word_ids(j)), dtype=np.int64, count=n)
-            parts[ti].append((ids, offsets, wids))
+            ids, offsets, wids = enc["input_ids"][j], enc["offset_mapping"][j], enc.word_ids(j)
+            n = len(ids)
+            parts[ti].append((np.array(ids, dtype=np.int64),
+                              np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * n).reshape(-1, 2) + s,
+                              np.array(wids if None not in wids else [-1 if w is None else w for w in wids],
+                                       dtype=np.int64)))
         out = []
         for pieces in parts:
             shift, wid_parts = 0, []
@@ -191,12 +224,20 @@ class TokenClassifier:
         if n == 0:
             return []
         s, e = offsets[:, 0], offsets[:, 1]
-        lengths = {len(t) for t in chunk_end}
+        cp = code_points(text)
+        first = cp[np.minimum(s, max(len(cp) - 1, 0))] if len(cp) else np.zeros(n, dtype=np.uint32)
         is_end = np.zeros(n, dtype=bool)
-        for j in np.flatnonzero(np.isin(e - s, list(lengths))).tolist():
-            is_end[j] = text[s[j] : e[j]] in chunk_end
+        for t in chunk_end:
+            if not t:  # matches an empty token, as a string test would
+                is_end |= e == s
+                continue
+            same = (e - s == len(t)) & (first == ord(t[0]))  # one character: that is the test
+            if len(t) > 1:
+                for j in np.flatnonzero(same).tolist():
+                    same[j] = text[s[j] : e[j]] == t
+            is_end |= same
         if "\n" in chunk_end:  # a newline in the gap before the next token
-            nl = prefix_counts(code_points(text) == ord("\n"))
+            nl = prefix_counts(cp == ord("\n"))
             is_end[:-1] |= nl[np.maximum(s[1:], e[:-1])] > nl[e[:-1]]
         ends = np.flatnonzero(is_end)
         start, out = 0, []
@@ -210,9 +251,15 @@ class TokenClassifier:
             start = end
         return out
 
-    @torch.inference_mode()
     def classify(self, texts: Sequence[str], chunk_end: Sequence[str] = (".", "\n")) -> list[ClassifiedText]:
         """Word keep-probabilities of every text (mean of its sub-tokens' probabilities)."""
+        return self.submit(texts, chunk_end).wait()
+
+    @torch.inference_mode()
+    def submit(self, texts: Sequence[str], chunk_end: Sequence[str] = (".", "\n")) -> PendingWords:
+        """Start classifying ``texts``: their words are ready on return, their keep
+        probabilities after ``wait()``. On a GPU the encoder runs in between, so a caller's
+        probability-free work on the words (forcing, counting) costs no time."""
         ends = set(chunk_end)
         encoded = self._tokenize(texts)
         jobs = []  # (text index, token start, token end)
@@ -232,12 +279,7 @@ class TokenClassifier:
             ct.words  # noqa: B018 (computed now, while the device works)
             out.append(ct)
             valids.append(valid)
-        probs = flat.float().cpu().numpy() if flat is not None else np.zeros(0)
-        for i, (ct, valid) in enumerate(zip(out, valids)):
-            p = probs[base[i] : base[i + 1]][valid].astype(np.float64)
-            if len(ct):
-                ct.probs = np.add.reduceat(p, ct.tok_lo) / (ct.tok_hi - ct.tok_lo)
-        return out
+        return PendingWords(out, flat, base, valids)
 
     def _keep_probs(self, jobs, encoded, base) -> torch.Tensor | None:
         """Every token's keep probability, in one flat device tensor: chunks batched by
@@ -318,10 +360,12 @@ def insert_newlines(ct: ClassifiedText) -> None:
     nxt = np.minimum(np.searchsorted(ct.starts, nl), max(len(ct) - 1, 0))  # chunk of the next word (else the last)
     chunk = ct.chunks[nxt] if len(ct) else np.zeros(n, dtype=np.int64)
     empty = np.zeros(n, dtype=np.int64)
+    texts = ct.words + ["\n"] * n
     for name, extra in (("starts", nl), ("ends", nl + 1), ("probs", np.zeros(n)), ("chunks", chunk),
                         ("tok_lo", empty), ("tok_hi", empty), ("forced", np.zeros(n, dtype=bool)),
                         ("kept", np.zeros(n, dtype=bool))):
         setattr(ct, name, np.concatenate([getattr(ct, name), extra.astype(getattr(ct, name).dtype)]))
+    ct._texts = texts
     ct._permute(np.argsort(ct.starts, kind="stable"))
 
 
@@ -407,16 +451,13 @@ def fit_total(texts: Sequence[ClassifiedText], sizes: Sequence[np.ndarray], budg
         ct.kept = kept[a:b]
 
 
-def select_words(texts: Sequence[ClassifiedText], rates: Sequence[float], count,
-                 prefer_salient: bool = False) -> list[np.ndarray]:
+def select_words(texts: Sequence[ClassifiedText], rates: Sequence[float], all_sizes: Sequence[np.ndarray],
+                 prefer_salient: bool = False) -> None:
     """Keep, per text, the most probable words until ``rate`` of its target-LLM tokens
-    (forced words first, and counted). With ``prefer_salient``, names and numbers are
-    taken before any other word, budget permitting. Sets ``kept``; returns each word's
-    target-LLM tokens."""
-    all_sizes = []
-    for ct, rate in zip(texts, rates):
-        sizes = count_distinct(ct.words, count)
-        all_sizes.append(sizes)
+    (``all_sizes``: each word's, from :func:`count_distinct`; forced words first, and
+    counted). With ``prefer_salient``, names and numbers are taken before any other word,
+    budget permitting. Sets ``kept``."""
+    for ct, rate, sizes in zip(texts, rates, all_sizes):
         budget = rate * float(sizes.sum())
         kept = ct.forced.copy()
         spent = float(sizes[kept].sum())
@@ -424,4 +465,3 @@ def select_words(texts: Sequence[ClassifiedText], rates: Sequence[float], count,
         cand = cand[np.argsort(-_order_key(ct, prefer_salient)[cand], kind="stable")]
         kept[cand[greedy_take(sizes[cand], budget - spent, first_always=spent == 0)]] = True
         ct.kept = kept
-    return all_sizes

@@ -10,12 +10,17 @@ import subprocess
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import REFERENCE_ENV
 from lingua_integrations import CompressionEngine, PromptCompressor
+from lingua_integrations.compat import _reference_sizes, _window_percentiles
 from lingua_integrations.evaluation.nq import build_minilm_token_classifier
 from lingua_integrations.evaluation.reference import run_reference
+from lingua_integrations.token_classification import prepare
 
 WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -165,3 +170,47 @@ def test_cli_llmlingua2(l2_dir, nq_rows):
                           "./no/such/classifier"], input='{"context": ["text"]}\n', capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 1 and "not a directory" in bad.stderr
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_window_percentiles_are_numpys_percentile_of_the_repeated_values(data):
+    # the drop-in's per-window cut, computed for all windows at once, must be the very float
+    # np.percentile gives on each window's repeated values (a word's keep/drop hangs on it)
+    n = data.draw(st.integers(1, 60))
+    values = np.array(data.draw(st.lists(st.floats(0, 1) | st.sampled_from([0.0, 0.5, 1.0]), min_size=n,
+                                         max_size=n)))
+    repeats = np.array(data.draw(st.lists(st.integers(1, 5), min_size=n, max_size=n)), dtype=np.int64)
+    window = np.sort(np.array(data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n))))
+    _, window = np.unique(window, return_inverse=True)
+    percent = data.draw(st.integers(0, 100))
+    got = _window_percentiles(values, repeats, window, percent)
+    for w in range(int(window.max()) + 1):
+        expected = float(np.percentile(np.repeat(values[window == w], repeats[window == w]), percent))
+        assert got[w] == expected, (w, got[w], expected)
+
+
+def test_words_are_worked_on_while_the_encoder_runs(l2_dir, nq_rows):
+    # submit() hands the words over before their probabilities: forcing and counting them
+    # then must give what classify()-then-prepare gives, and each word's model view must be
+    # the tokenizer's own join of its sub-tokens (long words and inserted line breaks too)
+    pc = PromptCompressor(model_name=str(l2_dir), device_map="cpu", use_llmlingua2=True)
+    clf, tok = pc.engine.classifier, pc.tokenizer
+    texts = ["\n".join(r["text"] for r in nq_rows[50:56]) + "\nAntidisestablishmentarianism 1,250.5?",
+             nq_rows[57]["text"]]
+    pending = clf.submit(texts)
+    assert all(not ct.probs.any() for ct in pending.texts)
+    prepare(pending.texts, ["\n", "?"], True)
+    views = [_reference_sizes(ct, pc.oai_count, tok) for ct in pending.texts]
+    early = pending.wait()
+    late = clf.classify(texts)
+    prepare(late, ["\n", "?"], True)
+    for a, b, (view, sizes) in zip(early, late, views):
+        assert a.words == b.words and (a.forced == b.forced).all()
+        assert np.allclose(a.probs, b.probs) and (a.probs[a.tok_hi > a.tok_lo] > 0).all()
+        expected = [w if hi == lo else tok.convert_tokens_to_string(tok.convert_ids_to_tokens(
+                    a.token_ids[lo:hi].tolist())) for w, lo, hi in zip(a.words, a.tok_lo.tolist(), a.tok_hi.tolist())]
+        assert view.tolist() == expected
+        assert sizes.tolist() == [1 if v.isspace() else max(1, pc.oai_count(v)) for v in expected]
+    lengths = early[0].tok_hi - early[0].tok_lo
+    assert (lengths > 3).any() and (lengths == 0).any()  # the one-by-one path ran: a long word, a line break
