@@ -44,9 +44,36 @@ from .token_classification import ClassifiedText, count_distinct, prepare
 def _reference_sizes(ct: ClassifiedText, count, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """Each word *as the model sees it* (its sub-tokens joined: lower-cased by uncased
     tokenizers; an object array) and its target-LLM tokens, as the reference counts them.
-    Needs no probabilities, so it runs while the encoder does."""
-    distinct, which = _model_views(ct, tokenizer)
-    return np.array(distinct, dtype=object)[which], count_distinct(distinct, count, space=1)[which]
+    Needs no probabilities, so it runs while the encoder does.
+
+    Worked out once per distinct sub-token sequence: words of up to three sub-tokens (nearly
+    all) are grouped by a packed integer key in numpy, and a key's view and size are
+    remembered across calls; longer words and inserted line breaks (their own text) go one
+    by one."""
+    ids, lo = ct.token_ids, ct.tok_lo
+    lengths = ct.tok_hi - lo
+    short = (lengths >= 1) & (lengths <= 3)
+    if len(ids) and int(ids.max()) + 1 > _KEY_MASK:
+        short[:] = False
+    views = np.empty(len(ct), dtype=object)
+    sizes = np.zeros(len(ct), dtype=np.int64)
+    if short.any():
+        key = np.zeros(int(short.sum()), dtype=np.int64)
+        s_lo, s_len = lo[short], lengths[short]
+        for j in range(3):
+            token = np.where(s_len > j, ids[np.minimum(s_lo + j, len(ids) - 1)] + 1, 0)
+            key |= token << (_KEY_BITS * j)
+        keys, inverse = np.unique(key, return_inverse=True)
+        known = [_packed_view_size(tokenizer, count, k) for k in keys.tolist()]
+        views[short] = np.array([v for v, _ in known], dtype=object)[inverse.ravel()]
+        sizes[short] = np.array([n for _, n in known], dtype=np.int64)[inverse.ravel()]
+    rest = np.flatnonzero(~short)
+    if len(rest):
+        words = ct.words
+        views[rest] = [words[k] if n == 0 else _model_view(tokenizer, tuple(ids[a : a + n].tolist()))
+                       for k, a, n in zip(rest.tolist(), lo[rest].tolist(), lengths[rest].tolist())]
+        sizes[rest] = count_distinct(views[rest].tolist(), count, space=1)
+    return views, sizes
 
 
 def _reference_select(ct: ClassifiedText, reduce_rate: float, views: tuple[np.ndarray, np.ndarray] | None,
@@ -100,38 +127,20 @@ def _window_percentiles(values: np.ndarray, repeats: np.ndarray, window: np.ndar
     return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
 
 
-_KEY_BITS = 21  # a word of up to three sub-tokens packs into one int64 key (ids below 2**21 - 1)
+_KEY_BITS = 21  # a word of up to three sub-tokens packs into one int64 key: each id + 1 in 21 bits
+_KEY_MASK = (1 << _KEY_BITS) - 1
 
 
-def _model_views(ct: ClassifiedText, tokenizer) -> tuple[list[str], np.ndarray]:
-    """The words as the model sees them, worked out once per distinct sub-token sequence:
-    the views, and per word the index of its view. Words of up to three sub-tokens (nearly
-    all) are grouped by a packed integer key in numpy; longer words and inserted line
-    breaks (their own text) go one by one."""
-    ids, lo = ct.token_ids, ct.tok_lo
-    lengths = ct.tok_hi - lo
-    short = (lengths >= 1) & (lengths <= 3)
-    if len(ids) and int(ids.max()) + 1 >= 1 << _KEY_BITS:
-        short[:] = False
-    which = np.zeros(len(ct), dtype=np.int64)
-    distinct: list[str] = []
-    if short.any():
-        key = np.zeros(int(short.sum()), dtype=np.int64)
-        s_lo, s_len = lo[short], lengths[short]
-        for j in range(3):
-            token = np.where(s_len > j, ids[np.minimum(s_lo + j, len(ids) - 1)] + 1, 0)
-            key |= token << (_KEY_BITS * j)
-        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-        distinct = [_model_view(tokenizer, tuple(ids[a : a + n].tolist()))
-                    for a, n in zip(s_lo[first].tolist(), s_len[first].tolist())]
-        which[short] = inverse.ravel()
-    rest = np.flatnonzero(~short)
-    if len(rest):
-        words = ct.words
-        which[rest] = np.arange(len(distinct), len(distinct) + len(rest))
-        distinct += [words[k] if n == 0 else _model_view(tokenizer, tuple(ids[a : a + n].tolist()))
-                     for k, a, n in zip(rest.tolist(), lo[rest].tolist(), lengths[rest].tolist())]
-    return distinct, which
+@functools.lru_cache(maxsize=1 << 17)
+def _packed_view_size(tokenizer, count, key: int) -> tuple[str, int]:
+    """The model view and target-LLM size (as :func:`count_distinct` gives it) of the word
+    whose sub-tokens ``key`` packs (see :func:`_reference_sizes`)."""
+    ids = []
+    while key:
+        ids.append((key & _KEY_MASK) - 1)
+        key >>= _KEY_BITS
+    view = _model_view(tokenizer, tuple(ids))
+    return view, int(count_distinct([view], count, space=1)[0])
 
 
 @functools.lru_cache(maxsize=65536)

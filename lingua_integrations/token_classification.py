@@ -120,17 +120,17 @@ class ClassifiedText:
         idx = np.flatnonzero(self.kept)
         if not len(idx):
             return ""
-        words = self.words
+        text = self.text
+        pieces = [text[a:b] for a, b in zip(self.starts[idx].tolist(), self.ends[idx].tolist())]
         if drop_consecutive:  # a forced word right after the same forced word (kept) goes
             f = self.forced[idx]
-            same = np.array([words[a] == words[b] for a, b in zip(idx[1:].tolist(), idx[:-1].tolist())], dtype=bool)
-            drop = np.concatenate([[False], f[1:] & f[:-1] & same])
-            idx = idx[~drop]
-        pieces = [words[k] for k in idx.tolist()]
+            same = np.array([a == b for a, b in zip(pieces[1:], pieces[:-1])], dtype=bool)
+            keep = ~np.concatenate([[False], f[1:] & f[:-1] & same])
+            idx = idx[keep]
+            pieces = [w for w, k in zip(pieces, keep.tolist()) if k]
         space = np.fromiter(map(str.isspace, pieces), dtype=bool, count=len(pieces))
         adjacent = (idx[1:] == idx[:-1] + 1).tolist()
         join_space = (~(space[1:] | space[:-1])).tolist()
-        text = self.text
         gaps = [text[a:b] if adj else " " if js else ""
                 for a, b, adj, js in zip(self.ends[idx[:-1]].tolist(), self.starts[idx[1:]].tolist(), adjacent, join_space)]
         return (pieces[0] + "".join(chain.from_iterable(zip(gaps, pieces[1:])))).strip(" ")
@@ -276,7 +276,6 @@ class TokenClassifier:
             n = int(valid.sum())
             ct = ClassifiedText(t, starts, ends_, np.zeros(len(first)), chunks, first, np.append(first[1:], n),
                                 enc[0][valid])
-            ct.words  # noqa: B018 (computed now, while the device works)
             out.append(ct)
             valids.append(valid)
         return PendingWords(out, flat, base, valids)
@@ -360,7 +359,7 @@ def insert_newlines(ct: ClassifiedText) -> None:
     nxt = np.minimum(np.searchsorted(ct.starts, nl), max(len(ct) - 1, 0))  # chunk of the next word (else the last)
     chunk = ct.chunks[nxt] if len(ct) else np.zeros(n, dtype=np.int64)
     empty = np.zeros(n, dtype=np.int64)
-    texts = ct.words + ["\n"] * n
+    texts = ct._texts + ["\n"] * n if ct._texts is not None and len(ct._texts) == len(ct) else None
     for name, extra in (("starts", nl), ("ends", nl + 1), ("probs", np.zeros(n)), ("chunks", chunk),
                         ("tok_lo", empty), ("tok_hi", empty), ("forced", np.zeros(n, dtype=bool)),
                         ("kept", np.zeros(n, dtype=bool))):
@@ -370,8 +369,20 @@ def insert_newlines(ct: ClassifiedText) -> None:
 
 
 def mark_forced(ct: ClassifiedText, force_tokens: Sequence[str], force_digits: bool) -> None:
-    forced = set(force_tokens)
-    ct.forced = np.array([w in forced for w in ct.words], dtype=bool) if forced else np.zeros(len(ct), dtype=bool)
+    """A word is forced when its text is one of ``force_tokens`` (or, with ``force_digits``,
+    contains a digit). Matched on the words' spans: only candidates of the right length and
+    first character are compared as strings."""
+    ct.forced = np.zeros(len(ct), dtype=bool)
+    if force_tokens and len(ct):
+        cp = code_points(ct.text)
+        first = cp[np.minimum(ct.starts, len(cp) - 1)] if len(cp) else np.zeros(len(ct), dtype=np.uint32)
+        length = ct.ends - ct.starts
+        for t in set(force_tokens):
+            same = (length == len(t)) & ((first == ord(t[0])) if t else True)
+            if len(t) > 1:
+                for k in np.flatnonzero(same).tolist():
+                    same[k] = ct.text[ct.starts[k] : ct.ends[k]] == t
+            ct.forced |= same
     if force_digits and len(ct):
         ct.forced |= ct.any_char("isdigit")
 
