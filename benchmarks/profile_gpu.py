@@ -223,20 +223,22 @@ def main() -> None:
 
 def llmlingua2_phases(pc2: PromptCompressor, text: str, rounds: int = 5) -> None:
     """Where a drop-in LLMLingua-2 call's time goes around the encoder (medians, ms): host
-    work before the first launch, launching, host work while the device runs, waiting for
-    the device, and host work after; plus the encoder passes alone on the call's own batches."""
+    work before the first launch, from the first launch to the last (tokenizing the rest
+    while the device runs, with streaming), host work after it while the device runs,
+    waiting for the device, and host work after; then the same call with graphs and
+    streaming against eager passes over all windows at once (time, same output?)."""
+    from lingua_integrations import classifier_runner as cr
     from lingua_integrations import token_classification as tc
 
     marks: dict[str, float] = {}
     clf = pc2.engine.classifier
-    keep_probs, wait = tc.TokenClassifier._keep_probs, tc.PendingWords.wait
-    batches: list = []
+    runner = clf.runner
+    launch, wait = cr.KeepProbRunner.launch, tc.PendingWords.wait
 
-    def timed_keep_probs(self, jobs, encoded, base):
-        marks["launch"] = time.perf_counter()
-        result = keep_probs(self, jobs, encoded, base)
+    def timed_launch(self, *args, **kwargs):
+        marks.setdefault("launch", time.perf_counter())
+        result = launch(self, *args, **kwargs)
         marks["launched"] = time.perf_counter()
-        batches[:] = [(jobs, encoded, base)]
         return result
 
     def timed_wait(self):
@@ -245,28 +247,41 @@ def llmlingua2_phases(pc2: PromptCompressor, text: str, rounds: int = 5) -> None
         marks["waited"] = time.perf_counter()
         return result
 
-    tc.TokenClassifier._keep_probs, tc.PendingWords.wait = timed_keep_probs, timed_wait
-    phases: dict[str, list[float]] = {k: [] for k in ("before launch", "launching", "host while device runs",
-                                                      "waiting for device", "after", "total")}
+    def call():
+        return pc2.compress_prompt(text, rate=0.33, force_tokens=["\n", "?"])
+
+    cr.KeepProbRunner.launch, tc.PendingWords.wait = timed_launch, timed_wait
+    phases: dict[str, list[float]] = {k: [] for k in ("before first launch", "first to last launch",
+                                                      "host while device runs", "waiting for device", "after", "total")}
     try:
         for _ in range(rounds + 1):
+            marks.clear()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            pc2.compress_prompt(text, rate=0.33, force_tokens=["\n", "?"])
+            call()
             t1 = time.perf_counter()
-            for key, value in (("before launch", marks["launch"] - t0), ("launching", marks["launched"] - marks["launch"]),
+            for key, value in (("before first launch", marks["launch"] - t0),
+                               ("first to last launch", marks["launched"] - marks["launch"]),
                                ("host while device runs", marks["wait"] - marks["launched"]),
                                ("waiting for device", marks["waited"] - marks["wait"]),
                                ("after", t1 - marks["waited"]), ("total", t1 - t0)):
                 phases[key].append(value)
     finally:
-        tc.TokenClassifier._keep_probs, tc.PendingWords.wait = keep_probs, wait
+        cr.KeepProbRunner.launch, tc.PendingWords.wait = launch, wait
     for key, values in phases.items():
         print(f"  llmlingua2 phase {key:24s} {1000 * sorted(values[1:])[rounds // 2]:7.1f} ms", flush=True)
-    seconds, _ = timed(lambda: clf._keep_probs(*batches[0]).sum().item())
-    seconds, _ = timed(lambda: clf._keep_probs(*batches[0]).sum().item())
-    jobs = batches[0][0]
-    print(f"  llmlingua2 encoder passes alone on the call's {len(jobs)} windows: {1000 * seconds:.1f} ms", flush=True)
+    print(f"  graphs captured: {sorted(runner._captured)}", flush=True)
+
+    def apply(setting: str) -> None:
+        runner.graphs = setting == "graphs+streaming"
+        clf.stream = None if runner.graphs else False
+
+    times, outs, _ = interleaved(call, ("graphs+streaming", "eager, one pass"), apply, runner)
+    apply("graphs+streaming")
+    same = outs["graphs+streaming"] == outs["eager, one pass"]
+    f1 = speed.words_f1(outs["graphs+streaming"], outs["eager, one pass"])
+    print(f"  llmlingua2 graphs+streaming {1000 * times['graphs+streaming']:.1f} ms vs eager one pass "
+          f"{1000 * times['eager, one pass']:.1f} ms; same output: {same} (kept-word F1 {f1:.4f})", flush=True)
 
 
 if __name__ == "__main__":

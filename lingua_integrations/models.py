@@ -292,6 +292,7 @@ class LoadedModel:
     dtype: torch.dtype
     lock: threading.RLock = field(default_factory=threading.RLock)
     _queue: Any = field(default=None, repr=False)
+    _runner: Any = field(default=None, repr=False)
 
     def scoring_queue(self):
         """The model's :class:`~.serving.ScoringQueue` (one per loaded model, so every engine
@@ -308,6 +309,19 @@ class LoadedModel:
                 self._queue = ScoringQueue(SurprisalRunner(self.model, self.lock, pad_id=pad, graphs=small and "auto",
                                                            max_positions=self.max_positions))
             return self._queue
+
+    def keep_prob_runner(self):
+        """The token classifier's :class:`~.classifier_runner.KeepProbRunner` (one per loaded
+        model, so every engine and thread sharing the model shares its captured graphs)."""
+        with self.lock:
+            if self._runner is None:
+                from .classifier_runner import KeepProbRunner
+
+                labels = getattr(self.model.config, "label2id", None) or {}
+                pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+                self._runner = KeepProbRunner(self.model, self.lock, int(labels.get("keep", labels.get("KEEP", 1))),
+                                              pad_id=pad, max_positions=self.max_positions)
+            return self._runner
 
     @property
     def max_positions(self) -> int:

@@ -151,6 +151,17 @@ def _pieces(text: str, size: int = PIECE_CHARS) -> list[int]:
     return starts
 
 
+def _growing(n: int, first: int = 1) -> list[int]:
+    """Group sizes ``first, 2*first, 4*first, ...`` adding up to ``n``: the device gets work
+    early, and later groups, tokenized while it runs, keep it busy."""
+    sizes, size = [], first
+    while n > 0:
+        sizes.append(min(size, n))
+        n -= sizes[-1]
+        size *= 2
+    return sizes
+
+
 class PendingWords:
     """The words of a ``TokenClassifier.submit`` call, whose keep probabilities the device is
     still computing: ``texts`` can be worked on (line breaks inserted, words forced and
@@ -174,59 +185,53 @@ class PendingWords:
 class TokenClassifier:
     """Keep probabilities per word from a token-classification model (shared, thread-safe)."""
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 16, window: int | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, batch_size: int = 16, window: int | None = None,
+                 stream: bool | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         limit = getattr(self.tokenizer, "model_max_length", 512) or 512
         self.window = int(min(window or 512, limit if limit < 100_000 else 512, loaded.max_positions))
-        # on a GPU each pass costs its kernel launches: as many windows per pass as a token budget allows
+        # eagerly on a GPU each pass costs its kernel launches: as many windows per pass as a token budget allows
         on_gpu = str(loaded.device).startswith("cuda")
         self.batch_size = max(1, int(batch_size), GPU_BATCH_TOKENS // self.window if on_gpu else 1)
         tok = self.tokenizer
         self.prefix = [i for i in [tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id] if i is not None]
         self.suffix = [i for i in [tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id] if i is not None]
-        keep = getattr(self.model.config, "label2id", None) or {}
-        self.keep_label = int(keep.get("keep", keep.get("KEEP", 1)))
+        self.runner = loaded.keep_prob_runner()
+        self.stream = stream  # tokenize and launch in groups (None: when launches are cheap, i.e. CUDA graphs)
 
-    def _tokenize(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(ids, offsets (n, 2), word ids) per text. Long texts go in pieces cut at line
-        breaks, all pieces in one batch call (the fast tokenizer runs it in threads)."""
-        cuts = [_pieces(t) for t in texts]
-        jobs = [(ti, s, e) for ti, (t, c) in enumerate(zip(texts, cuts)) for s, e in zip(c, c[1:] + [len(t)])]
-        if not jobs:
+    def _encode_pieces(self, texts: Sequence[str], pieces: Sequence[tuple[int, int, int]]):
+        """(ids, offsets (n, 2) into the text, word ids within the piece) of each piece
+        ``(text index, start, end)``, all in one tokenizer call (the fast tokenizer runs
+        it in threads)."""
+        if not pieces:
             return []
-        enc = self.tokenizer([texts[ti][s:e] for ti, s, e in jobs], add_special_tokens=False,
+        enc = self.tokenizer([texts[ti][s:e] for ti, s, e in pieces], add_special_tokens=False,
                              return_offsets_mapping=True)
-        parts: list[list] = [[] for _ in texts]
-        for j, (ti, s, _) in enumerate(jobs):
+        out = []
+        for j, (_, s, _) in enumerate(pieces):
             ids, offsets, wids = enc["input_ids"][j], enc["offset_mapping"][j], enc.word_ids(j)
             n = len(ids)
-            parts[ti].append((np.array(ids, dtype=np.int64),
-                              np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * n).reshape(-1, 2) + s,
-                              np.array(wids if None not in wids else [-1 if w is None else w for w in wids],
-                                       dtype=np.int64)))
-        out = []
-        for pieces in parts:
-            shift, wid_parts = 0, []
-            for _, _, wids in pieces:  # word ids stay distinct across pieces
-                wid_parts.append(np.where(wids >= 0, wids + shift, -1))
-                shift += int(wids.max()) + 1 if len(wids) else 0
-            out.append((np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces]),
-                        np.concatenate(wid_parts)))
+            out.append((np.array(ids, dtype=np.int64),
+                        np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * n).reshape(-1, 2) + s,
+                        np.array(wids if None not in wids else [-1 if w is None else w for w in wids], dtype=np.int64)))
         return out
 
-    def _chunks(self, offsets: np.ndarray, text: str, chunk_end: set[str]) -> list[tuple[int, int]]:
-        """Token ranges of at most ``window - specials`` tokens, cut after the last
-        sentence end (a chunk-end token, or a token followed by a newline) in reach."""
+    def _chunks(self, offsets: np.ndarray, text: str, chunk_end: set[str], start: int = 0,
+                final: bool = True) -> tuple[list[tuple[int, int]], int]:
+        """Token ranges of at most ``window - specials`` tokens from token ``start``, cut after
+        the last sentence end (a chunk-end token, or a token followed by a newline) in reach;
+        and where the next range starts. With ``final=False`` more tokens of the text are to
+        come: a range is only decided once the tokens it could reach are all here."""
         size = self.window - len(self.prefix) - len(self.suffix)
         n = len(offsets)
-        if n == 0:
-            return []
-        s, e = offsets[:, 0], offsets[:, 1]
+        if n <= start:
+            return [], start
+        s, e = offsets[start:, 0], offsets[start:, 1]
         cp = code_points(text)
-        first = cp[np.minimum(s, max(len(cp) - 1, 0))] if len(cp) else np.zeros(n, dtype=np.uint32)
-        is_end = np.zeros(n, dtype=bool)
+        first = cp[np.minimum(s, max(len(cp) - 1, 0))] if len(cp) else np.zeros(len(s), dtype=np.uint32)
+        is_end = np.zeros(len(s), dtype=bool)
         for t in chunk_end:
             if not t:  # matches an empty token, as a string test would
                 is_end |= e == s
@@ -239,17 +244,19 @@ class TokenClassifier:
         if "\n" in chunk_end:  # a newline in the gap before the next token
             nl = prefix_counts(cp == ord("\n"))
             is_end[:-1] |= nl[np.maximum(s[1:], e[:-1])] > nl[e[:-1]]
-        ends = np.flatnonzero(is_end)
-        start, out = 0, []
+        ends = np.flatnonzero(is_end) + start
+        out = []
         while start < n:
             end = min(n, start + size)
             if end < n:
                 k = int(np.searchsorted(ends, end - 1, side="right")) - 1
                 if k >= 0 and ends[k] > start:
                     end = int(ends[k]) + 1
+            elif not final:
+                break
             out.append((start, end))
             start = end
-        return out
+        return out, start
 
     def classify(self, texts: Sequence[str], chunk_end: Sequence[str] = (".", "\n")) -> list[ClassifiedText]:
         """Word keep-probabilities of every text (mean of its sub-tokens' probabilities)."""
@@ -259,17 +266,46 @@ class TokenClassifier:
     def submit(self, texts: Sequence[str], chunk_end: Sequence[str] = (".", "\n")) -> PendingWords:
         """Start classifying ``texts``: their words are ready on return, their keep
         probabilities after ``wait()``. On a GPU the encoder runs in between, so a caller's
-        probability-free work on the words (forcing, counting) costs no time."""
+        probability-free work on the words (forcing, counting) costs no time.
+
+        Long texts are tokenized in pieces (cut at line breaks). With cheap launches (CUDA
+        graphs) the pieces go in growing groups and each group's finished windows go to
+        the device at once, so the encoder starts on the first windows while the rest is
+        still being tokenized; otherwise all pieces go in one tokenizer call."""
         ends = set(chunk_end)
-        encoded = self._tokenize(texts)
-        jobs = []  # (text index, token start, token end)
-        for ti, (t, (_, offsets, _)) in enumerate(zip(texts, encoded)):
-            jobs += [(ti, s, e) for s, e in self._chunks(offsets, t, ends)]
+        cuts = [_pieces(t) for t in texts]
+        pieces = [(ti, s, e) for ti, (t, c) in enumerate(zip(texts, cuts)) for s, e in zip(c, c[1:] + [len(t)])]
+        last_piece = {ti: k for k, (ti, _, _) in enumerate(pieces)}
+        stream = self.runner.graphs if self.stream is None else self.stream
+        group_sizes = _growing(len(pieces)) if stream else [len(pieces)]
+        parts: list[list[tuple]] = [[] for _ in texts]  # per text: its pieces' (ids, offsets, word ids)
+        next_word = [0] * len(texts)
+        next_token = [0] * len(texts)  # where each text's next window starts
+        jobs, launched = [], []  # windows (text index, token start, token end); device results
+        done = 0
+        pre, suf = len(self.prefix), len(self.suffix)
+        for size in group_sizes:
+            group = pieces[done : done + size]
+            for (ti, _, _), (ids, offsets, wids) in zip(group, self._encode_pieces(texts, group)):
+                parts[ti].append((ids, offsets, np.where(wids >= 0, wids + next_word[ti], -1)))
+                next_word[ti] += int(wids.max()) + 1 if len(wids) else 0
+            done += size
+            seqs = []
+            for ti in dict.fromkeys(ti for ti, _, _ in group):
+                offsets = np.concatenate([p[1] for p in parts[ti]])
+                found, next_token[ti] = self._chunks(offsets, texts[ti], ends, next_token[ti], last_piece[ti] < done)
+                ids = np.concatenate([p[0] for p in parts[ti]]) if found else None
+                for s, e in found:
+                    jobs.append((ti, s, e))
+                    seqs.append(np.concatenate([self.prefix, ids[s:e], self.suffix]).astype(np.int64))
+            if seqs:  # on the device; not waited for
+                launched.append(self.runner.launch(seqs, pre, suf, self.batch_size))
+        empty = (np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64))
+        encoded = [tuple(np.concatenate([p[j] for p in ps]) for j in range(3)) if ps else empty for ps in parts]
         base = np.cumsum([0] + [len(ids) for ids, _, _ in encoded])
         token_chunk = np.zeros(int(base[-1]), dtype=np.int64)
         for c, (ti, s, e) in enumerate(jobs):
             token_chunk[base[ti] + s : base[ti] + e] = c
-        flat = self._keep_probs(jobs, encoded, base)  # on the device; not waited for yet
         out, valids = [], []
         for i, (t, enc) in enumerate(zip(texts, encoded)):  # word analysis overlaps the device work
             valid, first, starts, ends_, chunks = self._words(t, enc, token_chunk[base[i] : base[i + 1]])
@@ -278,43 +314,9 @@ class TokenClassifier:
                                 enc[0][valid])
             out.append(ct)
             valids.append(valid)
+        # windows were launched in text order and each covers its tokens in order: together, every token once
+        flat = (torch.cat(launched) if len(launched) > 1 else launched[0]) if launched else None
         return PendingWords(out, flat, base, valids)
-
-    def _keep_probs(self, jobs, encoded, base) -> torch.Tensor | None:
-        """Every token's keep probability, in one flat device tensor: chunks batched by
-        length, inputs moved in one copy, no host sync until the caller reads it."""
-        if not jobs:
-            return None
-        device = self.loaded.device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        pre, suf = len(self.prefix), len(self.suffix)
-        order = sorted(range(len(jobs)), key=lambda k: jobs[k][2] - jobs[k][1])
-        batches = []
-        for b in range(0, len(order), self.batch_size):
-            batch = [jobs[k] for k in order[b : b + self.batch_size]]
-            width = max(e - s for _, s, e in batch) + pre + suf
-            ids = np.full((len(batch), width), pad, dtype=np.int64)
-            mask = np.zeros((len(batch), width), dtype=np.int64)
-            rows, cols, dest = [], [], []
-            for row, (ti, s, e) in enumerate(batch):
-                seq = np.concatenate([self.prefix, encoded[ti][0][s:e], self.suffix]).astype(np.int64)
-                ids[row, : len(seq)] = seq
-                mask[row, : len(seq)] = 1
-                rows.append(np.full(e - s, row))
-                cols.append(np.arange(pre, pre + e - s))
-                dest.append(np.arange(base[ti] + s, base[ti] + e))
-            batches.append((ids, mask, np.concatenate(rows), np.concatenate(cols), np.concatenate(dest)))
-        # one host-to-device copy for all batches' inputs and gather indices
-        sizes = [x.size for b in batches for x in b]
-        moved = torch.from_numpy(np.concatenate([x.ravel() for b in batches for x in b])).to(device).split(sizes)
-        flat = torch.zeros(int(base[-1]), device=device)
-        with self.loaded.lock:
-            for k, (ids, mask, *_rest) in enumerate(batches):
-                t_ids, t_mask, t_rows, t_cols, t_dest = moved[5 * k : 5 * k + 5]
-                logits = self.model(input_ids=t_ids.view(ids.shape), attention_mask=t_mask.view(mask.shape)).logits
-                keep = logits.float().softmax(-1)[..., self.keep_label]
-                flat[t_dest] = keep[t_rows, t_cols]
-        return flat
 
     @staticmethod
     def _words(text: str, enc, chunks: np.ndarray):

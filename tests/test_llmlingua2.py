@@ -20,7 +20,7 @@ from lingua_integrations import CompressionEngine, PromptCompressor
 from lingua_integrations.compat import _reference_sizes, _window_percentiles
 from lingua_integrations.evaluation.nq import build_minilm_token_classifier
 from lingua_integrations.evaluation.reference import run_reference
-from lingua_integrations.token_classification import prepare
+from lingua_integrations.token_classification import TokenClassifier, prepare
 
 WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -214,3 +214,23 @@ def test_words_are_worked_on_while_the_encoder_runs(l2_dir, nq_rows):
         assert sizes.tolist() == [1 if v.isspace() else max(1, pc.oai_count(v)) for v in expected]
     lengths = early[0].tok_hi - early[0].tok_lo
     assert (lengths > 3).any() and (lengths == 0).any()  # the one-by-one path ran: a long word, a line break
+
+
+def test_streamed_windows_are_those_of_one_tokenizer_call(l2_dir, nq_rows):
+    # with cheap launches (CUDA graphs) a long text is tokenized in growing groups of pieces
+    # and each group's decided windows go to the device at once; the windows, words and
+    # probabilities must be those of tokenizing everything in one call (forced here on the CPU)
+    pc = PromptCompressor(model_name=str(l2_dir), device_map="cpu", use_llmlingua2=True)
+    loaded = pc.engine.classifier.loaded
+    long_text = "\n".join(r["text"] for r in nq_rows[:120])
+    texts = [long_text, nq_rows[130]["text"], "", long_text[:20000]]
+    whole = TokenClassifier(loaded, stream=False).classify(texts)
+    runner = loaded.keep_prob_runner()
+    before = runner.forward_passes
+    streamed = TokenClassifier(loaded, stream=True).classify(texts)
+    assert runner.forward_passes - before >= 4  # launched group by group
+    for a, b in zip(whole, streamed):
+        for name in ("starts", "ends", "chunks", "tok_lo", "tok_hi", "token_ids"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
+        assert np.allclose(a.probs, b.probs, atol=1e-5)
+    assert len(np.unique(whole[0].chunks)) > 20 and not len(whole[2])
