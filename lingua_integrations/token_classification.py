@@ -7,7 +7,9 @@ fast tokenizer (``word_ids`` and character offsets), for any model, never from i
 name; the output is cut from the original text, so case and spacing survive.
 
 Long inputs are cut into chunks that fit the encoder's window, preferably after a
-sentence end, and all chunks of all texts of a call are classified in padded batches.
+sentence end, and all chunks of all texts of a call are classified in padded batches
+(:mod:`.classifier_runner`; on a GPU, captured graphs fed group by group while the rest
+of a long text is still being tokenized).
 
 The encoder's forward pass is the only real work, so everything around it is array
 code: a text's words are parallel numpy arrays (no object per word), grouping, forcing,
@@ -17,6 +19,7 @@ parallel, and the per-word analysis runs on the CPU while the device classifies.
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass
 from itertools import chain
 from typing import Callable, Sequence
@@ -29,6 +32,8 @@ from .units import code_points, next_flagged, prefix_counts
 
 PIECE_CHARS = 8192  # texts longer than this are tokenized in pieces, in parallel threads
 GPU_BATCH_TOKENS = 65536  # padded tokens per encoder pass on a GPU (few passes: launches cost)
+# streaming: groups of pieces are tokenized concurrently (the Rust tokenizer releases the GIL)
+_TOKENIZE = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="lingua-tokenize")
 
 _ASCII = [chr(i) for i in range(128)]
 _ASCII_TABLES = {
@@ -219,17 +224,18 @@ class TokenClassifier:
         return out
 
     def _chunks(self, offsets: np.ndarray, text: str, chunk_end: set[str], start: int = 0,
-                final: bool = True) -> tuple[list[tuple[int, int]], int]:
+                final: bool = True, cp: np.ndarray | None = None) -> tuple[list[tuple[int, int]], int]:
         """Token ranges of at most ``window - specials`` tokens from token ``start``, cut after
         the last sentence end (a chunk-end token, or a token followed by a newline) in reach;
         and where the next range starts. With ``final=False`` more tokens of the text are to
-        come: a range is only decided once the tokens it could reach are all here."""
+        come: a range is only decided once the tokens it could reach are all here. ``cp``:
+        the text's code points, when the caller has them."""
         size = self.window - len(self.prefix) - len(self.suffix)
         n = len(offsets)
         if n <= start:
             return [], start
         s, e = offsets[start:, 0], offsets[start:, 1]
-        cp = code_points(text)
+        cp = code_points(text) if cp is None else cp
         first = cp[np.minimum(s, max(len(cp) - 1, 0))] if len(cp) else np.zeros(len(s), dtype=np.uint32)
         is_end = np.zeros(len(s), dtype=bool)
         for t in chunk_end:
@@ -277,23 +283,34 @@ class TokenClassifier:
         pieces = [(ti, s, e) for ti, (t, c) in enumerate(zip(texts, cuts)) for s, e in zip(c, c[1:] + [len(t)])]
         last_piece = {ti: k for k, (ti, _, _) in enumerate(pieces)}
         stream = self.runner.graphs if self.stream is None else self.stream
-        group_sizes = _growing(len(pieces)) if stream else [len(pieces)]
+        groups, done = [], 0
+        for size in _growing(len(pieces)) if stream else [len(pieces)]:
+            groups.append(pieces[done : done + size])
+            done += size
+        if len(groups) > 1:  # all groups tokenize at once in threads; the first is ready soonest
+            futures = [_TOKENIZE.submit(self._encode_pieces, texts, g) for g in groups]
+            encoded_groups = (f.result() for f in futures)
+        else:
+            encoded_groups = (self._encode_pieces(texts, g) for g in groups)
         parts: list[list[tuple]] = [[] for _ in texts]  # per text: its pieces' (ids, offsets, word ids)
         next_word = [0] * len(texts)
         next_token = [0] * len(texts)  # where each text's next window starts
         jobs, launched = [], []  # windows (text index, token start, token end); device results
+        code_pts: dict[int, np.ndarray] = {}
         done = 0
         pre, suf = len(self.prefix), len(self.suffix)
-        for size in group_sizes:
-            group = pieces[done : done + size]
-            for (ti, _, _), (ids, offsets, wids) in zip(group, self._encode_pieces(texts, group)):
+        for group, encoded_group in zip(groups, encoded_groups):
+            for (ti, _, _), (ids, offsets, wids) in zip(group, encoded_group):
                 parts[ti].append((ids, offsets, np.where(wids >= 0, wids + next_word[ti], -1)))
                 next_word[ti] += int(wids.max()) + 1 if len(wids) else 0
-            done += size
+            done += len(group)
             seqs = []
             for ti in dict.fromkeys(ti for ti, _, _ in group):
                 offsets = np.concatenate([p[1] for p in parts[ti]])
-                found, next_token[ti] = self._chunks(offsets, texts[ti], ends, next_token[ti], last_piece[ti] < done)
+                cp = code_pts.get(ti)
+                if cp is None:
+                    cp = code_pts[ti] = code_points(texts[ti])
+                found, next_token[ti] = self._chunks(offsets, texts[ti], ends, next_token[ti], last_piece[ti] < done, cp)
                 ids = np.concatenate([p[0] for p in parts[ti]]) if found else None
                 for s, e in found:
                     jobs.append((ti, s, e))
