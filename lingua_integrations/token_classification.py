@@ -287,11 +287,11 @@ class TokenClassifier:
         for size in _growing(len(pieces)) if stream else [len(pieces)]:
             groups.append(pieces[done : done + size])
             done += size
-        if len(groups) > 1:  # all groups tokenize at once in threads; the first is ready soonest
-            futures = [_TOKENIZE.submit(self._encode_pieces, texts, g) for g in groups]
-            encoded_groups = (f.result() for f in futures)
-        else:
-            encoded_groups = (self._encode_pieces(texts, g) for g in groups)
+        # the first group is tokenized here, alone (nothing competes with it for cores); then
+        # the others at once in threads while the first group's windows go to the device
+        first = self._encode_pieces(texts, groups[0]) if groups else []
+        futures = [_TOKENIZE.submit(self._encode_pieces, texts, g) for g in groups[1:]]
+        encoded_groups = chain([first], (f.result() for f in futures))
         parts: list[list[tuple]] = [[] for _ in texts]  # per text: its pieces' (ids, offsets, word ids)
         next_word = [0] * len(texts)
         next_token = [0] * len(texts)  # where each text's next window starts
