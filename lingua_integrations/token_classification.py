@@ -32,7 +32,7 @@ from .units import code_points, next_flagged, prefix_counts
 
 PIECE_CHARS = 8192  # texts longer than this are tokenized in pieces, in parallel threads
 GPU_BATCH_TOKENS = 65536  # padded tokens per encoder pass on a GPU (few passes: launches cost)
-# streaming: groups of pieces are tokenized concurrently (the Rust tokenizer releases the GIL)
+# streaming: the later pieces of a text are tokenized in a thread (the Rust tokenizer releases the GIL)
 _TOKENIZE = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="lingua-tokenize")
 
 _ASCII = [chr(i) for i in range(128)]
@@ -156,15 +156,15 @@ def _pieces(text: str, size: int = PIECE_CHARS) -> list[int]:
     return starts
 
 
-def _growing(n: int, first: int = 1) -> list[int]:
-    """Group sizes ``first, 2*first, 4*first, ...`` adding up to ``n``: the device gets work
-    early, and later groups, tokenized while it runs, keep it busy."""
-    sizes, size = [], first
-    while n > 0:
-        sizes.append(min(size, n))
-        n -= sizes[-1]
-        size *= 2
-    return sizes
+def _stream_groups(n: int) -> list[int]:
+    """How many of ``n`` pieces each tokenizer call takes when streaming: about a fifth
+    first (tokenized alone, in the calling thread: its windows start the device soon),
+    then the rest in one call (all its pieces in parallel) in a thread while the device
+    works on the first. Two or fewer pieces: one call."""
+    if n < 3:
+        return [n] if n else []
+    first = max(1, round(n / 5))
+    return [first, n - first]
 
 
 class PendingWords:
@@ -275,20 +275,20 @@ class TokenClassifier:
         probability-free work on the words (forcing, counting) costs no time.
 
         Long texts are tokenized in pieces (cut at line breaks). With cheap launches (CUDA
-        graphs) the pieces go in growing groups and each group's finished windows go to
-        the device at once, so the encoder starts on the first windows while the rest is
-        still being tokenized; otherwise all pieces go in one tokenizer call."""
+        graphs) the first fifth of the pieces is tokenized first and its windows go to the
+        device at once, so the encoder starts while the rest is still being tokenized
+        (:func:`_stream_groups`); otherwise all pieces go in one tokenizer call."""
         ends = set(chunk_end)
         cuts = [_pieces(t) for t in texts]
         pieces = [(ti, s, e) for ti, (t, c) in enumerate(zip(texts, cuts)) for s, e in zip(c, c[1:] + [len(t)])]
         last_piece = {ti: k for k, (ti, _, _) in enumerate(pieces)}
         stream = self.runner.graphs if self.stream is None else self.stream
         groups, done = [], 0
-        for size in _growing(len(pieces)) if stream else [len(pieces)]:
+        for size in _stream_groups(len(pieces)) if stream else [len(pieces)]:
             groups.append(pieces[done : done + size])
             done += size
-        # the first group is tokenized here, alone (nothing competes with it for cores); then
-        # the others at once in threads while the first group's windows go to the device
+        # the first group is tokenized here, alone (nothing competes with it for cores); the
+        # rest in a thread while the first group's windows go to the device
         first = self._encode_pieces(texts, groups[0]) if groups else []
         futures = [_TOKENIZE.submit(self._encode_pieces, texts, g) for g in groups[1:]]
         encoded_groups = chain([first], (f.result() for f in futures))
