@@ -8,6 +8,9 @@ launches let the classifier send a long text's windows to the device in small gr
 soon as they are tokenized, so the device works while the host still tokenizes the rest.
 The padding mask goes in as a prepared 4-D boolean mask: transformers' own mask code would
 otherwise test the mask for "no padding" on the host, which a captured graph cannot do.
+The first replay is checked once against an eager pass with the plain 2-D mask (a model
+with mask code of its own could read the 4-D mask differently); any difference beyond
+half-precision noise turns graphs off.
 
 Without graphs (a CPU, ``graphs=False``, or a model whose pass does not capture) the
 windows run eagerly, sorted by length into batches.
@@ -55,6 +58,7 @@ class KeepProbRunner:
         self.graphs = cuda if graphs == "auto" else bool(graphs) and cuda
         self._captured: dict[tuple[int, int], tuple] = {}
         self._pool = None
+        self._checked = False  # has a replay been compared with an eager pass yet?
         self.forward_passes = 0  # diagnostics
 
     def _probs(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -89,6 +93,22 @@ class KeepProbRunner:
             return None
         self._captured[(rows, width)] = (graph, ids, mask, probs)
         return self._captured[(rows, width)]
+
+    def _check(self, replayed: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Once per runner: the first replay against an eager pass with the plain 2-D mask on
+        the same windows. A model that reads the prepared 4-D mask differently (its own
+        mask code) would give other probabilities without an error; then graphs go off.
+        Returns the probabilities to use."""
+        self._checked = True
+        eager = self._probs(ids, mask)
+        real = mask.bool()
+        gap = float((replayed[real] - eager[real]).abs().max()) if real.any() else 0.0
+        if gap > 0.02:  # half-precision noise is ~1e-3; a misread mask moves them by far more
+            logger.warning("the token classifier's CUDA graph gave other keep probabilities than an eager pass "
+                           "(max difference %.3f); running eagerly", gap)
+            self.graphs = False
+            return eager
+        return replayed
 
     def _width(self, n: int) -> int:
         """The padded width a graph of longest sequence ``n`` runs in (a power of two, or the model's limit)."""
@@ -132,7 +152,7 @@ class KeepProbRunner:
         # one host-to-device copy for every batch's inputs and gather indices
         sizes = [x.size for batch in batches for x in batch]
         moved = torch.from_numpy(np.concatenate([x.ravel() for batch in batches for x in batch]))
-        moved = moved.to(self.device, non_blocking=True).split(sizes)
+        moved = moved.to(self.device).split(sizes)
         flat = torch.zeros(int(starts[-1]), device=self.device)
         with self.lock:
             for k, (ids, mask, *_rest) in enumerate(batches):
@@ -143,6 +163,8 @@ class KeepProbRunner:
                     static_ids.copy_(t_ids.view(ids.shape))
                     static_mask.copy_(t_mask.view(mask.shape))
                     graph.replay()
+                    if not self._checked:
+                        probs = self._check(probs, t_ids.view(ids.shape), t_mask.view(mask.shape))
                 else:
                     probs = self._probs(t_ids.view(ids.shape), t_mask.view(mask.shape))
                 flat[t_dest] = probs[t_rows, t_cols]  # read before the next replay overwrites it
