@@ -409,10 +409,12 @@ class CompressionEngine:
         span_lists = [parse_spans(c) for c in contexts] if structured else [None] * len(contexts)
         texts = ["".join(s.text for s in spans) if spans is not None else c for c, spans in zip(contexts, span_lists)]
 
-        origin = self.count(SEPARATOR.join([instruction] + texts + [question]).strip())
+        joined = SEPARATOR.join([instruction] + texts + [question]).strip()
+        lengths = self.count.many(texts)
+        # one document and nothing around it (e.g. LLMLingua-2 over a long text): counted once
+        origin = lengths[0] if len(texts) == 1 and joined == texts[0] else self.count(joined)
         self.check_input_size(origin)
 
-        lengths = self.count.many(texts)
         fixed = self.count(instruction) + self.count(question)
         target = float(target_token) if target_token not in (None, -1) else rate * origin
         context_target = max(0.0, target - fixed)

@@ -447,8 +447,9 @@ def greedy_take(sizes: np.ndarray, room: float, first_always: bool = False) -> n
         k = 1
     take[:k] = True
     spent = float(prefix[k - 1]) if k else 0.0
+    smallest_after = np.minimum.accumulate(sizes[::-1])[::-1]  # the smallest item from j on
     for j in range(k, len(sizes)):  # the rest: a short scan for items that still fit
-        if spent >= room:
+        if spent >= room or room - spent < smallest_after[j]:  # spent, or nothing from here on fits
             break
         if spent + sizes[j] <= room:
             take[j] = True

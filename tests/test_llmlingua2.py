@@ -20,7 +20,7 @@ from lingua_integrations import CompressionEngine, PromptCompressor
 from lingua_integrations.compat import _reference_sizes, _window_percentiles
 from lingua_integrations.evaluation.nq import build_minilm_token_classifier
 from lingua_integrations.evaluation.reference import run_reference
-from lingua_integrations.token_classification import TokenClassifier, _pieces, _stream_groups, prepare
+from lingua_integrations.token_classification import TokenClassifier, _pieces, _stream_groups, greedy_take, prepare
 
 WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -232,3 +232,17 @@ def test_streamed_windows_are_those_of_one_tokenizer_call(l2_dir, nq_rows):
             assert np.array_equal(getattr(a, name), getattr(b, name)), name
         assert np.allclose(a.probs, b.probs, atol=1e-5)
     assert len(np.unique(whole[0].chunks)) > 20 and not len(whole[2])
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(1, 6), max_size=40), room=st.floats(0, 60), first_always=st.booleans())
+def test_greedy_take_is_the_sequential_greedy_fill(sizes, room, first_always):
+    # the rule, item by item: take each item that still fits; the first one regardless with
+    # first_always. greedy_take must take exactly these (it stops scanning early). Items are
+    # words' target tokens: callers leave zero-size words (bare line breaks) out
+    expected, spent = [], 0.0
+    for j, size in enumerate(sizes):
+        take = spent + size <= room or (first_always and j == 0)
+        expected.append(take)
+        spent += size if take else 0
+    assert greedy_take(np.array(sizes, dtype=np.int64), room, first_always).tolist() == expected
