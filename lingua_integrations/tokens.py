@@ -20,6 +20,46 @@ TokenCounterLike = Union[str, Callable[[str], int], "TokenCounter", None]
 DEFAULT_ENCODING = "cl100k_base"
 WORD_MEMO = 200_000  # distinct words whose counts a counter remembers
 PARALLEL_CHARS = 20_000  # mean text length from which batch encoding in threads pays off
+SPLIT_CHARS = 40_000  # a single text longer than this is counted in pieces, in parallel threads
+# encodings whose pre-tokenizer ends a token at a letter before " " and starts one at " " +
+# letter, so a text cut there has as many tokens as its pieces together
+_SPLITTABLE = {"cl100k_base"}
+
+
+_THREADS = min(8, os.cpu_count() or 1)
+_pool = None
+
+
+def _count_pool():
+    """Threads for counting a long text's pieces (tiktoken releases the GIL while it encodes)."""
+    global _pool
+    with _cache_lock:
+        if _pool is None:
+            import concurrent.futures
+
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="lingua-count-pieces")
+        return _pool
+
+
+def _ascii_letter(c: str) -> bool:
+    return c.isascii() and c.isalpha()
+
+
+def split_points(text: str, pieces: int, reach: int = 2000) -> list[int]:
+    """Offsets near ``len(text) * k / pieces`` at a space between two ASCII letters ("a b"),
+    where every OpenAI encoding's pre-tokenizer cuts anyway: the pieces' token counts then
+    add up to the text's. A share with no such space within ``reach`` is merged."""
+    cuts = []
+    for k in range(1, pieces):
+        i = text.find(" ", max(len(text) * k // pieces, cuts[-1] + 1 if cuts else 1))
+        while 0 < i < len(text) - 1 and not (_ascii_letter(text[i - 1]) and _ascii_letter(text[i + 1])):
+            if i - len(text) * k // pieces > reach:
+                i = -1
+                break
+            i = text.find(" ", i + 1)
+        if 0 < i < len(text) - 1:
+            cuts.append(i)
+    return cuts
 
 
 _URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
@@ -88,15 +128,18 @@ class TokenCounter:
 
     def __init__(self, spec: TokenCounterLike = None) -> None:
         self._batch = None
+        self._splittable = False
         self._memo: dict[str, int] = {}  # word counts: a vocabulary repeats from call to call
         if isinstance(spec, TokenCounter):
             self._count, self._batch, self.name, self._memo = spec._count, spec._batch, spec.name, spec._memo
+            self._splittable = spec._splittable
         elif spec is None or isinstance(spec, str):
             name = spec or DEFAULT_ENCODING
             enc = _encoding(name)
             self._count = lambda text: len(enc.encode(text, disallowed_special=()))
             self._batch = lambda texts: [len(ids) for ids in enc.encode_batch(texts, disallowed_special=())]
             self.name = name
+            self._splittable = name in _SPLITTABLE
         elif callable(spec):
             self._count, self.name = spec, getattr(spec, "__name__", "callable")
         else:
@@ -105,6 +148,11 @@ class TokenCounter:
     def __call__(self, text: str) -> int:
         if not text:
             return 0
+        if self._splittable and len(text) >= SPLIT_CHARS and _THREADS > 1:  # a long text: pieces in threads
+            cuts = split_points(text, min(_THREADS, len(text) // (SPLIT_CHARS // 4)))
+            if cuts:
+                pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+                return sum(_count_pool().map(self._count, pieces))
         n = self._count(text)
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"token counter {self.name!r} returned {n!r}; it must return a non-negative int")
