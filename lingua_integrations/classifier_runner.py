@@ -25,6 +25,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .runner import capture_graph
+
 logger = logging.getLogger(__name__)
 
 GRAPH_ROWS = 16  # windows per replay; fewer are padded up to the next of ROW_BUCKETS
@@ -75,16 +77,10 @@ class KeepProbRunner:
         mask = torch.zeros((rows, width), dtype=torch.long, device=self.device)
         mask[:, 0] = 1  # a row with nothing to attend to would give NaN; padding rows see their first position
         try:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # warm-up: lazy initialisation must not happen during capture
-                self._probs(ids, mask.bool()[:, None, None, :])
-            torch.cuda.current_stream(self.device).wait_stream(stream)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                probs = self._probs(ids, mask.bool()[:, None, None, :])
+            graph, probs = capture_graph(lambda: self._probs(ids, mask.bool()[:, None, None, :]), self.device,
+                                         self._pool)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .runner import token_surprisal
+from .runner import capture_graph, token_surprisal
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +97,8 @@ class StaticWindows:
             return hit
         ids = torch.full((1, width), self.pad_id, dtype=torch.long, device=self.device)
         positions = torch.arange(cached, cached + width, device=self.device)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._set_position(cached)
-            self._loss(ids, positions)  # warm-up: lazy initialisation must not happen during capture
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        self._set_position(cached)
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._loss(ids, positions)
+        graph, out = capture_graph(lambda: self._loss(ids, positions), self.device, self.pool,
+                                   prepare=lambda: self._set_position(cached))
         self._captured[width] = (graph, ids, positions, out)
         return self._captured[width]
 

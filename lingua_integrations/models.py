@@ -302,11 +302,11 @@ class LoadedModel:
                 from .runner import SurprisalRunner
                 from .serving import ScoringQueue
 
-                pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
                 small = sum(p.numel() for p in self.model.parameters()) <= 1e9
                 # CUDA graphs pay off where kernel launches dominate (small models); a big model's
                 # graphs would pin many GiB of activations per captured shape for little gain
-                self._queue = ScoringQueue(SurprisalRunner(self.model, self.lock, pad_id=pad, graphs=small and "auto",
+                self._queue = ScoringQueue(SurprisalRunner(self.model, self.lock, pad_id=self.pad_id,
+                                                           graphs=small and "auto",
                                                            max_positions=self.max_positions))
             return self._queue
 
@@ -318,10 +318,14 @@ class LoadedModel:
                 from .classifier_runner import KeepProbRunner
 
                 labels = getattr(self.model.config, "label2id", None) or {}
-                pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
                 self._runner = KeepProbRunner(self.model, self.lock, int(labels.get("keep", labels.get("KEEP", 1))),
-                                              pad_id=pad, max_positions=self.max_positions)
+                                              pad_id=self.pad_id, max_positions=self.max_positions)
             return self._runner
+
+    @property
+    def pad_id(self) -> int:
+        """The id written into padding (the tokenizer's, else 0: padded positions are masked or discarded)."""
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     @property
     def max_positions(self) -> int:

@@ -62,6 +62,26 @@ def token_surprisal(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, -1) - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
+def capture_graph(fn, device: torch.device, pool=None, prepare=None):
+    """``fn()`` captured as a CUDA graph: ``(graph, fn's output)``, the output living on in
+    the graph's memory. ``fn`` first runs once on a side stream (lazy initialisation must
+    not happen during capture); ``prepare()``, when given, runs before that warm-up and
+    again before the capture, outside both. Shared by every runner that replays graphs."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        if prepare is not None:
+            prepare()
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    if prepare is not None:
+        prepare()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -137,16 +157,9 @@ class SurprisalRunner:
         static = torch.full(shape, self.pad_id, dtype=torch.long, device=self.device)
         positions = torch.arange(shape[1], device=self.device).expand(shape).contiguous() if packed else None
         try:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self._loss(static, positions=positions)  # warm-up: lazy initialisation must not happen during capture
-            torch.cuda.current_stream(self.device).wait_stream(stream)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = self._loss(static, positions=positions)
+            graph, out = capture_graph(lambda: self._loss(static, positions=positions), self.device, self._pool)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
             if _is_oom(exc):
                 raise
