@@ -32,12 +32,15 @@ measured no faster (20 passages: 4.5-4.8 s either way), so it stays off there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+
+from .compilation import compile_available, compile_regions, compiled
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +103,16 @@ class SurprisalRunner:
         pad_id: the id written into padding positions.
         pack: ``"auto"``: pack several sequences per row (see the module doc) on a GPU;
             ``True``/``False`` force it on or off (CPU tests).
+        compile: ``"auto"``: compile the model's decoder layers (:mod:`.compilation`)
+            where graphs are on and Triton is there; ``True``/``False`` force it on or
+            off (``True`` on a CPU needs a C++ compiler). A compilation error turns it
+            off and the pass runs uncompiled.
     """
 
     def __init__(self, model, lock: threading.RLock, *, max_tokens: int = 16384, max_rows: int = 64,
                  graphs: bool | str = "auto", pad_id: int = 0, max_positions: int | None = None,
-                 max_padding: float | None | str = "auto", pack: bool | str = "auto") -> None:
+                 max_padding: float | None | str = "auto", pack: bool | str = "auto",
+                 compile: bool | str = "auto") -> None:
         self.model = model
         self.lock = lock
         self.device = next(model.parameters()).device
@@ -119,6 +127,8 @@ class SurprisalRunner:
         self._pool = None
         self._keep_logits = True  # the model takes logits_to_keep (transformers' causal LMs do)
         self.pack = pack
+        self.compile = self.graphs and compile_available(self.device) if compile == "auto" else bool(compile)
+        self._uncompile: Callable[[], None] | None = None  # undoes compile_regions (None: not compiled)
         self._pack_ok: bool | None = None  # probe result (None: not probed yet)
         self.forward_passes = 0  # diagnostics: device passes run
         self.positions_run = 0  # diagnostics: token positions those passes computed, padding included
@@ -127,6 +137,30 @@ class SurprisalRunner:
     # -- the computation --------------------------------------------------------
     def _loss(self, ids: torch.Tensor, keep: int | torch.Tensor = 0,
               positions: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`_pass`, through the compiled model when compilation is on; a compilation
+        error (no compiler, an unsupported model) turns it off and reruns the pass eagerly."""
+        if not self.compile:
+            return self._pass(ids, keep, positions, token_surprisal)
+        with self.lock:
+            if self._uncompile is None:
+                self._uncompile = compile_regions(self.model) or (lambda: None)
+        try:
+            return self._pass(ids, keep, positions, compiled(token_surprisal))
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: run as the model is
+            if _is_oom(exc):
+                raise
+            logger.warning("torch.compile failed (%s); running the model uncompiled", exc)
+            self._stop_compiling()
+            return self._pass(ids, keep, positions, token_surprisal)
+
+    def _stop_compiling(self) -> None:
+        with self.lock:
+            self.compile = False
+            if self._uncompile is not None:
+                self._uncompile()
+
+    def _pass(self, ids: torch.Tensor, keep: int | torch.Tensor, positions: torch.Tensor | None,
+              surprisal: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Surprisal of the next token at each logit column of ``ids``: columns ``width -
         keep .. width - 2`` for an int ``keep`` (all when 0), the listed columns for a tensor.
         A ``keep`` skips the LM head (a fifth of a small LM's arithmetic) and the
@@ -143,9 +177,9 @@ class SurprisalRunner:
         if logits is None:
             logits, keep = self.model(input_ids=ids, **kwargs).logits, 0
         if isinstance(keep, torch.Tensor):
-            return token_surprisal(logits, ids[:, keep + 1])
+            return surprisal(logits, ids[:, keep + 1])
         logits = logits[:, :-1]
-        return token_surprisal(logits, ids[:, ids.shape[1] - logits.shape[1]:])
+        return surprisal(logits, ids[:, ids.shape[1] - logits.shape[1]:])
 
     def _graph(self, shape: tuple[int, int], packed: bool = False):
         """The captured graph of ``shape`` (captured on first use; None when capture fails):
@@ -159,10 +193,24 @@ class SurprisalRunner:
         try:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph, out = capture_graph(lambda: self._loss(static, positions=positions), self.device, self._pool)
+            if self.compile:  # compile this shape before the capture: compiling while capturing fails
+                # and with a position reset in each row: while capturing, transformers cannot look at
+                # the position ids, so it always builds a (packed-sequence) mask; eagerly (the capture's
+                # warm-up) it skips the mask unless some row packs two sequences. Compile both variants.
+                warm = torch.arange(shape[1], device=self.device).repeat(shape[0], 1)
+                warm[:, shape[1] // 2 :] -= shape[1] // 2
+                self._loss(static, positions=positions)
+                self._loss(static, positions=warm)
+                torch.cuda.synchronize(self.device)
+            with torch.compiler.set_stance("fail_on_recompile") if self.compile else contextlib.nullcontext():
+                graph, out = capture_graph(lambda: self._loss(static, positions=positions), self.device, self._pool)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
             if _is_oom(exc):
                 raise
+            if self.compile:  # the compiled model would not capture: capture it uncompiled
+                logger.warning("CUDA graph capture of the compiled model failed (%s); running it uncompiled", exc)
+                self._stop_compiling()
+                return self._graph(shape, packed)
             if packed:  # e.g. a transformers version whose packed-mask code syncs: padded graphs still work
                 logger.warning("CUDA graph capture of packed rows failed (%s); padding batches instead", exc)
                 self._pack_ok = False

@@ -75,6 +75,36 @@ def test_packed_rows_score_each_sequence_as_if_alone(engine, passages, nq_rows):
     assert packed.positions_run < 0.8 * padded.positions_run  # mixed lengths: padding was a fifth or more
 
 
+def test_compiled_decoder_layers_score_as_the_eager_model(engine, passages):
+    """Regional compilation (on by default where CUDA graphs are) fuses the decoder layers'
+    small kernels: the same surprisals, on batches of several shapes from one compilation;
+    with the compiler broken, the runner says so and scores uncompiled."""
+    import copy
+
+    from lingua_integrations.compilation import regions
+
+    seqs = engine.scorer.encode_many(passages[:6], special=True)
+    lock = threading.RLock()
+    model = copy.deepcopy(engine.loaded.model)  # compiled in place: not the shared engine's
+    eager = SurprisalRunner(model, lock, compile=False, max_padding=None).surprisal(seqs, max_rows=3)
+    assert SurprisalRunner(model, lock).compile is False  # "auto": off without CUDA graphs
+    runner = SurprisalRunner(model, lock, compile=True, max_padding=None)
+    got = runner.surprisal(seqs, max_rows=3)
+    assert runner.forward_passes == 2 and runner.compile
+    found = regions(model)
+    assert len(found) == model.config.num_hidden_layers + 1  # the layers and the final norm
+    assert all(m._compiled_call_impl is not None for m in found)
+    for a, b in zip(eager, got):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-3), float((a - b).abs().max())
+
+    broken = copy.deepcopy(engine.loaded.model)
+    runner = SurprisalRunner(broken, lock, compile=True)
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+        again = runner.surprisal(seqs[:1])
+    assert not runner.compile and all(m._compiled_call_impl is None for m in regions(broken))
+    assert torch.allclose(again[0], eager[0], atol=1e-3)
+
+
 def test_itpc_without_kv_cache_keeps_the_same_tokens(engine, nq_rows):
     """The GPU path rescores each window's view instead of extending a KV cache: same output."""
     docs, q = [r["text"] for r in nq_rows[20:25]], nq_rows[20]["question"]
