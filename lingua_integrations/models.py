@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_ENV = "LINGUA_CACHE_DIR"
+# calls in progress at once on one GPU model; the rest wait their turn (serving.py: more fight
+# over the GIL; an H100 measured 2-3 best)
+MAX_ACTIVE_CALLS = 3
 
 
 @dataclass(frozen=True)
@@ -305,9 +308,10 @@ class LoadedModel:
                 small = sum(p.numel() for p in self.model.parameters()) <= 1e9
                 # CUDA graphs pay off where kernel launches dominate (small models); a big model's
                 # graphs would pin many GiB of activations per captured shape for little gain
-                self._queue = ScoringQueue(SurprisalRunner(self.model, self.lock, pad_id=self.pad_id,
-                                                           graphs=small and "auto",
-                                                           max_positions=self.max_positions))
+                runner = SurprisalRunner(self.model, self.lock, pad_id=self.pad_id, graphs=small and "auto",
+                                         max_positions=self.max_positions)
+                # on a GPU a few calls at once keep it busy; more only fight over the GIL (serving.py)
+                self._queue = ScoringQueue(runner, max_active=MAX_ACTIVE_CALLS if str(self.device).startswith("cuda") else None)
             return self._queue
 
     def keep_prob_runner(self):

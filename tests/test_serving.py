@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -135,6 +136,51 @@ def test_queue_batches_concurrent_requests_and_routes_results(engine, passages):
     assert queue.rounds - rounds0 < len(seqs), "requests were not batched together"
     for k, expected in enumerate(alone):
         assert torch.allclose(results[k], expected, atol=1e-3)
+
+
+def test_admission_lets_max_active_calls_in_first_come_first_served(engine, passages):
+    """On a GPU only a few calls run at once (more fight over the GIL): the rest wait at
+    the door of ``session`` in arrival order; a nested session of an admitted thread
+    does not wait; every admitted call still gets its own surprisals."""
+    from lingua_integrations.serving import ScoringQueue
+
+    with pytest.raises(ValueError, match="max_active"):
+        ScoringQueue(engine.loaded.scoring_queue().runner, max_active=0)
+    queue = ScoringQueue(engine.loaded.scoring_queue().runner, max_active=2)
+    seqs = engine.scorer.encode_many(passages[:4], special=True)
+    expected = queue.runner.surprisal(seqs)
+    gate, inside, entered, results, lock = threading.Event(), [0], [], {}, threading.Lock()
+    peak = [0]
+
+    def call(k):
+        with queue.session():
+            with lock:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+                entered.append(k)
+            if k < 2:
+                gate.wait(60)  # the first two hold their places until the others queue up
+            with queue.session():  # nested: already admitted
+                results[k] = queue.surprisal([seqs[k]])[0]
+            with lock:
+                inside[0] -= 1
+
+    threads = []
+    for k in range(4):
+        threads.append(threading.Thread(target=call, args=(k,)))
+        threads[-1].start()
+        deadline = time.monotonic() + 30
+        while (len(entered) if k < 2 else len(queue._admission._waiting)) < (k + 1 if k < 2 else k - 1):
+            assert time.monotonic() < deadline, "a caller neither entered nor queued"
+            time.sleep(0.005)
+    assert entered == [0, 1]  # two inside, two waiting
+    gate.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert entered == [0, 1, 2, 3] and peak[0] == 2
+    for k in range(4):
+        assert torch.allclose(results[k], expected[k], atol=1e-3)
 
 
 def test_a_failing_request_fails_only_its_caller(engine, passages):
