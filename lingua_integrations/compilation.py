@@ -66,6 +66,14 @@ def compile_regions(model: torch.nn.Module) -> Callable[[], None] | None:
     return undo
 
 
+def uncompiled():
+    """Context in which compiled regions run as plain eager code. For passes that carry a
+    KV cache (the CPU's ITPC, big models' static windows, or a small model forced onto
+    them): a cache object makes dynamo specialise each layer on its index, recompile up
+    to its limit, and, inside a CUDA graph capture, compile while capturing, which fails."""
+    return torch.compiler.set_stance("force_eager")
+
+
 @functools.lru_cache(maxsize=1)
 def compiled(fn: Callable) -> Callable:
     """``fn`` compiled for any input shape (one compiled function per process)."""

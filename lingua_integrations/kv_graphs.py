@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .compilation import uncompiled
 from .runner import capture_graph, token_surprisal
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,9 @@ class StaticWindows:
             pos.fill_(cached)
 
     def _loss(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=ids, position_ids=positions.unsqueeze(0), past_key_values=self.cache,
-                            use_cache=True).logits[0, :-1]
+        with uncompiled():
+            logits = self.model(input_ids=ids, position_ids=positions.unsqueeze(0), past_key_values=self.cache,
+                                use_cache=True).logits[0, :-1]
         return token_surprisal(logits, ids[0, 1:])
 
     def _graph(self, width: int, cached: int):

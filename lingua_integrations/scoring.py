@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from .compilation import uncompiled
 from .kv_graphs import StaticPool
 from .models import LoadedModel
 
@@ -95,7 +96,7 @@ class CausalScorer:
         covering all of ``ids``.
         """
         chunk = ids[cached:].unsqueeze(0).to(self.device)
-        with self.loaded.lock:
+        with self.loaded.lock, uncompiled():
             out = self.model(input_ids=chunk, past_key_values=cache, use_cache=True)
         logits = out.logits[0, :-1].float()
         labels = chunk[0, 1:]
