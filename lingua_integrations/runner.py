@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .compilation import compile_available, compile_regions, compiled
+from .compilation import compile_available, compile_regions, compiled, uncompiled
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +137,10 @@ class SurprisalRunner:
     # -- the computation --------------------------------------------------------
     def _loss(self, ids: torch.Tensor, keep: int | torch.Tensor = 0,
               positions: torch.Tensor | None = None) -> torch.Tensor:
-        """:meth:`_pass`, through the compiled model when compilation is on; a compilation
-        error (no compiler, an unsupported model) turns it off and reruns the pass eagerly."""
+        """:meth:`_pass`, through the compiled model when compilation is on. A pass that
+        fails compiled is rerun eagerly: if that works, compilation was at fault (no
+        compiler, an unsupported model) and is turned off; if not, the model's own error
+        goes to the caller and compilation stays on."""
         if not self.compile:
             return self._pass(ids, keep, positions, token_surprisal)
         with self.lock:
@@ -146,12 +148,14 @@ class SurprisalRunner:
                 self._uncompile = compile_regions(self.model) or (lambda: None)
         try:
             return self._pass(ids, keep, positions, compiled(token_surprisal))
-        except Exception as exc:  # noqa: BLE001 - any compiler failure: run as the model is
+        except Exception as exc:  # noqa: BLE001 - sorted out by the eager rerun
             if _is_oom(exc):
                 raise
+            with uncompiled():
+                result = self._pass(ids, keep, positions, token_surprisal)
             logger.warning("torch.compile failed (%s); running the model uncompiled", exc)
             self._stop_compiling()
-            return self._pass(ids, keep, positions, token_surprisal)
+            return result
 
     def _stop_compiling(self) -> None:
         with self.lock:

@@ -79,7 +79,8 @@ def test_packed_rows_score_each_sequence_as_if_alone(engine, passages, nq_rows):
 def test_compiled_decoder_layers_score_as_the_eager_model(engine, passages):
     """Regional compilation (on by default where CUDA graphs are) fuses the decoder layers'
     small kernels: the same surprisals, on batches of several shapes from one compilation;
-    with the compiler broken, the runner says so and scores uncompiled."""
+    with the compiler broken, the runner says so and scores uncompiled; a bad request
+    fails as it would uncompiled and leaves compilation on."""
     import copy
 
     from lingua_integrations.compilation import regions
@@ -97,6 +98,9 @@ def test_compiled_decoder_layers_score_as_the_eager_model(engine, passages):
     assert all(m._compiled_call_impl is not None for m in found)
     for a, b in zip(eager, got):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-3), float((a - b).abs().max())
+    with pytest.raises(IndexError):  # the model's own error (an id outside the vocabulary) ...
+        runner.surprisal([[0, 10**9]])
+    assert runner.compile  # ... reaches the caller and is not taken for a compiler failure
 
     broken = copy.deepcopy(engine.loaded.model)
     runner = SurprisalRunner(broken, lock, compile=True)
