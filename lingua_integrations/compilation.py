@@ -14,6 +14,7 @@ off ``torch.compile`` everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Callable
@@ -21,6 +22,7 @@ from typing import Callable
 import torch
 
 logger = logging.getLogger(__name__)
+_compiled_any = False  # whether compile_regions ever ran in this process
 
 
 def compile_available(device: torch.device) -> bool:
@@ -55,6 +57,8 @@ def compile_regions(model: torch.nn.Module) -> Callable[[], None] | None:
     found = [m for m in regions(model) if m._compiled_call_impl is None]
     if not found:
         return None
+    global _compiled_any
+    _compiled_any = True
     logger.info("compiling %d decoder regions of %s (one-off)", len(found), type(model).__name__)
     for module in found:
         module.compile(dynamic=True)
@@ -71,6 +75,8 @@ def uncompiled():
     KV cache (the CPU's ITPC, big models' static windows, or a small model forced onto
     them): a cache object makes dynamo specialise each layer on its index, recompile up
     to its limit, and, inside a CUDA graph capture, compile while capturing, which fails."""
+    if not _compiled_any:  # nothing compiled in this process: no need to load dynamo (~1-2 s)
+        return contextlib.nullcontext()
     return torch.compiler.set_stance("force_eager")
 
 
