@@ -28,8 +28,10 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 def terms(text: str) -> list[str]:
     """Lower-cased, accent-folded word terms without stopwords."""
-    folded = unicodedata.normalize("NFKD", text.lower())
-    folded = "".join(ch for ch in folded if not unicodedata.combining(ch))
+    folded = text.lower()
+    if not folded.isascii():  # ASCII has nothing to fold (most retrieved English text: skip the per-char pass)
+        folded = unicodedata.normalize("NFKD", folded)
+        folded = "".join(ch for ch in folded if not unicodedata.combining(ch))
     return [w for w in _WORD.findall(folded) if w not in STOPWORDS]
 
 
