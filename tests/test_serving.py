@@ -151,9 +151,11 @@ def test_admission_lets_max_active_calls_in_first_come_first_served(engine, pass
     with pytest.raises(ValueError, match="max_active"):
         ScoringQueue(engine.loaded.scoring_queue().runner, max_active=0)
     queue = ScoringQueue(engine.loaded.scoring_queue().runner, max_active=2)
+    waiting = queue._admission._waiting
     seqs = engine.scorer.encode_many(passages[:4], special=True)
     expected = queue.runner.surprisal(seqs)
-    gate, inside, entered, results, lock = threading.Event(), [0], [], {}, threading.Lock()
+    gates = [threading.Event() for _ in range(4)]  # each caller holds its place until its gate opens
+    inside, entered, results, lock = [0], [], {}, threading.Lock()
     peak = [0]
 
     def call(k):
@@ -162,23 +164,32 @@ def test_admission_lets_max_active_calls_in_first_come_first_served(engine, pass
                 inside[0] += 1
                 peak[0] = max(peak[0], inside[0])
                 entered.append(k)
-            if k < 2:
-                gate.wait(60)  # the first two hold their places until the others queue up
+            gates[k].wait(60)
             with queue.session():  # nested: already admitted
                 results[k] = queue.surprisal([seqs[k]])[0]
             with lock:
                 inside[0] -= 1
 
+    def until(condition, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.005)
+
     threads = []
-    for k in range(4):
+    for k in range(4):  # one by one, so the arrival order is 0, 1, 2, 3
         threads.append(threading.Thread(target=call, args=(k,)))
         threads[-1].start()
-        deadline = time.monotonic() + 30
-        while (len(entered) if k < 2 else len(queue._admission._waiting)) < (k + 1 if k < 2 else k - 1):
-            assert time.monotonic() < deadline, "a caller neither entered nor queued"
-            time.sleep(0.005)
+        if k < 2:
+            until(lambda: len(entered) == k + 1, "a caller was not let in while there was room")
+        else:
+            until(lambda: len(waiting) == k - 1, "a caller did not wait at the door")
     assert entered == [0, 1]  # two inside, two waiting
-    gate.set()
+    gates[0].set()  # one place frees: the first to arrive of the two waiting gets it
+    until(lambda: len(entered) == 3, "the freed place was not passed on")
+    assert entered[2] == 2 and len(waiting) == 1
+    for gate in gates[1:]:
+        gate.set()
     for t in threads:
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads)
