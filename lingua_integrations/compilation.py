@@ -50,13 +50,14 @@ def regions(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
-def compile_regions(model: torch.nn.Module) -> Callable[[], None] | None:
+def compile_regions(model: torch.nn.Module) -> Callable[[], None]:
     """Compile ``model``'s :func:`regions` in place, for any batch shape. Returns a
-    function that puts them back as they were (after a compilation error), or None when
-    the model has no such regions. Compilation itself happens on the next forward pass."""
+    function that puts back the ones compiled here (after a compilation error; nothing
+    when the model has no such regions). Compilation itself happens on the next forward
+    pass."""
     found = [m for m in regions(model) if m._compiled_call_impl is None]
     if not found:
-        return None
+        return lambda: None
     global _compiled_any
     _compiled_any = True
     logger.info("compiling %d decoder regions of %s (one-off)", len(found), type(model).__name__)
@@ -78,6 +79,12 @@ def uncompiled():
     if not _compiled_any:  # nothing compiled in this process: no need to load dynamo (~1-2 s)
         return contextlib.nullcontext()
     return torch.compiler.set_stance("force_eager")
+
+
+def no_recompiling():
+    """Context in which a compiled function that would need a new compilation raises
+    instead: around a CUDA graph capture, where compiling breaks the capture."""
+    return torch.compiler.set_stance("fail_on_recompile")
 
 
 @functools.lru_cache(maxsize=1)

@@ -311,7 +311,8 @@ class LoadedModel:
                 runner = SurprisalRunner(self.model, self.lock, pad_id=self.pad_id, graphs=small and "auto",
                                          max_positions=self.max_positions)
                 # on a GPU a few calls at once keep it busy; more only fight over the GIL (serving.py)
-                self._queue = ScoringQueue(runner, max_active=MAX_ACTIVE_CALLS if str(self.device).startswith("cuda") else None)
+                on_gpu = str(self.device).startswith("cuda")
+                self._queue = ScoringQueue(runner, max_active=MAX_ACTIVE_CALLS if on_gpu else None)
             return self._queue
 
     def keep_prob_runner(self):

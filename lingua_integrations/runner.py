@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .compilation import compile_available, compile_regions, compiled, uncompiled
+from .compilation import compile_available, compile_regions, compiled, no_recompiling, uncompiled
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class SurprisalRunner:
             return self._pass(ids, keep, positions, token_surprisal)
         with self.lock:
             if self._uncompile is None:
-                self._uncompile = compile_regions(self.model) or (lambda: None)
+                self._uncompile = compile_regions(self.model)
         try:
             return self._pass(ids, keep, positions, compiled(token_surprisal))
         except Exception as exc:  # noqa: BLE001 - sorted out by the eager rerun
@@ -206,7 +206,7 @@ class SurprisalRunner:
                 self._loss(static, positions=positions)
                 self._loss(static, positions=warm)
                 torch.cuda.synchronize(self.device)
-            with torch.compiler.set_stance("fail_on_recompile") if self.compile else contextlib.nullcontext():
+            with no_recompiling() if self.compile else contextlib.nullcontext():
                 graph, out = capture_graph(lambda: self._loss(static, positions=positions), self.device, self._pool)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
             if _is_oom(exc):
