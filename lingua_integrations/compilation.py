@@ -1,4 +1,4 @@
-"""Regional compilation of a small causal LM for the device runner.
+"""Regional compilation of a causal LM for the device runner.
 
 A 135M-parameter LM on a GPU spends most of a forward pass outside its matrix
 multiplications: each decoder layer runs ~30 small elementwise kernels (RMSNorm in
@@ -8,8 +8,17 @@ activation. ``torch.compile`` fuses them. Compiling each decoder layer (the
 not thirty) with dynamic shapes, plus the final norm and the surprisal itself, made a
 captured CUDA graph of the SmolLM2 shape ~2x faster on an H100 (3k tokens: 9.4 ->
 4.4 ms; 16k tokens: 44 -> 20 ms) for a one-off ~15 s compilation per process (less
-with inductor's on-disk cache). ``TORCH_COMPILE_DISABLE=1`` turns it off, as it turns
-off ``torch.compile`` everywhere.
+with inductor's on-disk cache).
+
+A big model (7B) on a GPU is bound by its matrix multiplications, yet a third of its
+device time was still those small kernels. Its ITPC windows extend a KV cache, and a
+whole layer compiled with a cache object specialises on the layer's index (32
+compilations), so for such models only the parts of a layer that never see the cache
+are compiled (its norms and MLP, :func:`cache_free_regions`): one compilation serves
+every layer, cached passes and captured window graphs included.
+
+``TORCH_COMPILE_DISABLE=1`` turns compilation off, as it turns off ``torch.compile``
+everywhere.
 """
 
 from __future__ import annotations
@@ -36,31 +45,53 @@ def compile_available(device: torch.device) -> bool:
     return has_triton()
 
 
-def regions(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules compiled one by one: the decoder's repeated layers and its final norm
-    (empty for a model without a transformers-style decoder with ``layers``)."""
+def _decoder_layers(model: torch.nn.Module) -> tuple[list[torch.nn.Module], torch.nn.Module | None]:
+    """The decoder's repeated layers and its final norm (none for a model without a
+    transformers-style decoder with ``layers``)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
-        return []
-    found = list(layers)
+        return [], None
     norm = getattr(decoder, "norm", None)
-    if isinstance(norm, torch.nn.Module):
-        found.append(norm)
-    return found
+    return list(layers), norm if isinstance(norm, torch.nn.Module) else None
 
 
-def compile_regions(model: torch.nn.Module) -> Callable[[], None]:
-    """Compile ``model``'s :func:`regions` in place, for any batch shape. Returns a
+def regions(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules compiled one by one: the decoder's repeated layers and its final norm
+    (empty for a model without a transformers-style decoder with ``layers``)."""
+    layers, norm = _decoder_layers(model)
+    return layers + ([norm] if layers and norm is not None else [])
+
+
+def cache_free_regions(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The parts of each decoder layer that never see a KV cache (its norms and its MLP:
+    every child with weights but the attention), and the final norm.
+
+    For models whose passes also extend a KV cache (big models' ITPC windows): a whole
+    layer given a cache object makes dynamo specialise on the layer's index, 32
+    compilations for a 7B model, while these parts compile once for every layer and
+    every pass, cached or not."""
+    layers, norm = _decoder_layers(model)
+    found = [child for layer in layers for child in layer.children()  # by class: "post_attention_layernorm"
+             if "attention" not in type(child).__name__.lower() and next(child.parameters(), None) is not None]
+    return found + ([norm] if found and norm is not None else [])
+
+
+def compile_regions(model: torch.nn.Module, which: str = "layers") -> Callable[[], None]:
+    """Compile ``model``'s :func:`regions` (``which="layers"``) or its
+    :func:`cache_free_regions` (``"cache-free"``) in place, for any batch shape. Returns a
     function that puts back the ones compiled here (after a compilation error; nothing
     when the model has no such regions). Compilation itself happens on the next forward
     pass."""
-    found = [m for m in regions(model) if m._compiled_call_impl is None]
+    if which not in ("layers", "cache-free"):
+        raise ValueError(f"which must be 'layers' or 'cache-free', not {which!r}")
+    chosen = regions(model) if which == "layers" else cache_free_regions(model)
+    found = [m for m in chosen if m._compiled_call_impl is None]
     if not found:
         return lambda: None
     global _compiled_any
     _compiled_any = True
-    logger.info("compiling %d decoder regions of %s (one-off)", len(found), type(model).__name__)
+    logger.info("compiling %d %s decoder regions of %s (one-off)", len(found), which, type(model).__name__)
     for module in found:
         module.compile(dynamic=True)
 
@@ -71,13 +102,19 @@ def compile_regions(model: torch.nn.Module) -> Callable[[], None]:
     return undo
 
 
-def uncompiled():
-    """Context in which compiled regions run as plain eager code. For passes that carry a
-    KV cache (the CPU's ITPC, big models' static windows, or a small model forced onto
-    them): a cache object makes dynamo specialise each layer on its index, recompile up
-    to its limit, and, inside a CUDA graph capture, compile while capturing, which fails."""
+def uncompiled(model: torch.nn.Module | None = None):
+    """Context in which compiled code runs as plain eager code: all of it, or, given a
+    ``model``, only where that model's whole decoder layers are compiled. For passes that
+    carry a KV cache (the CPU's ITPC, big models' static windows, or a small model forced
+    onto them): a cache object makes dynamo specialise each layer on its index, recompile
+    up to its limit, and, inside a CUDA graph capture, compile while capturing, which
+    fails. Cache-free regions (:func:`cache_free_regions`) need none of this."""
     if not _compiled_any:  # nothing compiled in this process: no need to load dynamo (~1-2 s)
         return contextlib.nullcontext()
+    if model is not None:
+        layers, _ = _decoder_layers(model)
+        if not layers or layers[0]._compiled_call_impl is None:
+            return contextlib.nullcontext()
     return torch.compiler.set_stance("force_eager")
 
 

@@ -88,7 +88,7 @@ class StaticWindows:
             pos.fill_(cached)
 
     def _loss(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        with uncompiled():
+        with uncompiled(self.model):  # whole compiled layers would specialise per layer on the cache
             logits = self.model(input_ids=ids, position_ids=positions.unsqueeze(0), past_key_values=self.cache,
                                 use_cache=True).logits[0, :-1]
         return token_surprisal(logits, ids[0, 1:])

@@ -103,10 +103,14 @@ class SurprisalRunner:
         pad_id: the id written into padding positions.
         pack: ``"auto"``: pack several sequences per row (see the module doc) on a GPU;
             ``True``/``False`` force it on or off (CPU tests).
-        compile: ``"auto"``: compile the model's decoder layers (:mod:`.compilation`)
-            where graphs are on and Triton is there; ``True``/``False`` force it on or
-            off (``True`` on a CPU needs a C++ compiler). A compilation error turns it
-            off and the pass runs uncompiled.
+        compile: which parts of the model to compile (:mod:`.compilation`): ``"layers"``
+            (``True``), whole decoder layers, for models whose passes are captured in
+            graphs (small models on a GPU); ``"cache-free"``, each layer's norms and MLP,
+            for models whose ITPC windows extend a KV cache (big models on a GPU);
+            ``False``: nothing. ``"auto"``: ``"layers"`` where graphs are on and
+            ``"cache-free"`` on other CUDA devices, where Triton is there; nothing
+            elsewhere (a CPU needs a C++ compiler and ~30 s to compile). A compilation
+            error turns it off and the pass runs uncompiled.
     """
 
     def __init__(self, model, lock: threading.RLock, *, max_tokens: int = 16384, max_rows: int = 64,
@@ -127,7 +131,13 @@ class SurprisalRunner:
         self._pool = None
         self._keep_logits = True  # the model takes logits_to_keep (transformers' causal LMs do)
         self.pack = pack
-        self.compile = self.graphs and compile_available(self.device) if compile == "auto" else bool(compile)
+        if compile == "auto":
+            compile = compile_available(self.device) and ("layers" if self.graphs else "cache-free")
+        elif compile is True:
+            compile = "layers"
+        elif compile not in (False, "layers", "cache-free"):
+            raise ValueError(f"compile must be 'auto', 'layers', 'cache-free', True or False, not {compile!r}")
+        self.compile: str | bool = compile
         self._uncompile: Callable[[], None] | None = None  # undoes compile_regions (None: not compiled)
         self._pack_ok: bool | None = None  # probe result (None: not probed yet)
         self.forward_passes = 0  # diagnostics: device passes run
@@ -144,9 +154,12 @@ class SurprisalRunner:
         if not self.compile:
             return self._pass(ids, keep, positions, token_surprisal)
         with self.lock:
-            if self._uncompile is None:
-                self._uncompile = compile_regions(self.model)
+            first = self._uncompile is None
+            if first:
+                self._uncompile = compile_regions(self.model, self.compile)
         try:
+            if first and self.compile == "cache-free":
+                self._warm_single_rows()
             return self._pass(ids, keep, positions, compiled(token_surprisal))
         except Exception as exc:  # noqa: BLE001 - sorted out by the eager rerun
             if _is_oom(exc):
@@ -156,6 +169,13 @@ class SurprisalRunner:
             logger.warning("torch.compile failed (%s); running the model uncompiled", exc)
             self._stop_compiling()
             return result
+
+    def _warm_single_rows(self) -> None:
+        """Compile the one-row variant now (dynamo specialises a dimension of size 1): the
+        KV-cache windows, which run one row outside this runner and cannot fall back from
+        a compilation error, then find it compiled; an error shows here, where the runner
+        turns compilation off."""
+        self._pass(torch.full((1, 16), self.pad_id, dtype=torch.long, device=self.device), 1, None, token_surprisal)
 
     def _stop_compiling(self) -> None:
         with self.lock:

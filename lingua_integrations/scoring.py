@@ -96,7 +96,7 @@ class CausalScorer:
         covering all of ``ids``.
         """
         chunk = ids[cached:].unsqueeze(0).to(self.device)
-        with self.loaded.lock, uncompiled():
+        with self.loaded.lock, uncompiled(self.model):
             out = self.model(input_ids=chunk, past_key_values=cache, use_cache=True)
         logits = out.logits[0, :-1].float()
         labels = chunk[0, 1:]

@@ -5,6 +5,7 @@ here they run eagerly on the CPU, with the same batching, padding and routing.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -108,6 +109,43 @@ def test_compiled_decoder_layers_score_as_the_eager_model(engine, passages):
         again = runner.surprisal(seqs[:1])
     assert not runner.compile and all(m._compiled_call_impl is None for m in regions(broken))
     assert torch.allclose(again[0], eager[0], atol=1e-3)
+
+
+def test_cache_free_regions_compile_once_for_batches_and_kv_cache_passes(engine, passages):
+    """Big models on a GPU compile only each layer's norms and MLP ("cache-free"): the
+    same surprisals in batches and in KV-cache passes (ITPC's windows), which run them
+    compiled, not forced eager as whole compiled layers are."""
+    import copy
+    import dataclasses
+
+    from lingua_integrations.compilation import cache_free_regions, regions, uncompiled
+    from lingua_integrations.scoring import CausalScorer
+
+    seqs = engine.scorer.encode_many(passages[:4], special=True)
+    lock = threading.RLock()
+    model = copy.deepcopy(engine.loaded.model)
+    eager = SurprisalRunner(model, lock, compile=False, max_padding=None).surprisal(seqs, max_rows=4)
+    with pytest.raises(ValueError, match="compile must be"):
+        SurprisalRunner(model, lock, compile="everything")
+    runner = SurprisalRunner(model, lock, compile="cache-free", max_padding=None)
+    got = runner.surprisal(seqs, max_rows=4)
+    assert runner.compile == "cache-free"
+    for a, b in zip(eager, got):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-3), float((a - b).abs().max())
+    parts = cache_free_regions(model)
+    layer = model.model.layers[0]
+    assert len(parts) == 3 * model.config.num_hidden_layers + 1  # two norms and the MLP per layer, final norm
+    assert layer.mlp in parts and layer.self_attn not in parts
+    assert all(m._compiled_call_impl is not None for m in parts)
+    assert all(m._compiled_call_impl is None for m in regions(model)[:-1])  # the layers themselves are not
+    assert isinstance(uncompiled(model), contextlib.nullcontext)  # cached passes keep the compiled parts
+
+    ids = torch.tensor(seqs[0])
+    scorer = CausalScorer(dataclasses.replace(engine.loaded, model=model, lock=lock, _queue=None, _runner=None))
+    head, cache = scorer.surprisal(ids[:40])
+    tail, _ = scorer.surprisal(ids, cache, cached=40)  # tokens 41.. given the cached 0..39
+    alone, _ = engine.scorer.surprisal(ids)  # the shared engine's uncompiled model, in one pass
+    assert torch.allclose(head, alone[:39], atol=1e-3) and torch.allclose(tail, alone[40:], atol=1e-3)
 
 
 def test_itpc_without_kv_cache_keeps_the_same_tokens(engine, nq_rows):
