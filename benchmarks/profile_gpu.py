@@ -89,8 +89,6 @@ def main() -> None:
     ap.add_argument("--compare-padding", action="store_true", help="eager batches capped at 10%% padding vs uncapped")
     ap.add_argument("--compare-packing", action="store_true", help="packed rows vs right-padded batches")
     ap.add_argument("--kernels", action="store_true", help="device-time table (torch.profiler) of the drop-in calls")
-    ap.add_argument("--compile", choices=["parts", "layers"],
-                    help="then the same calls with torch.compile'd layers: 'parts' (MLP and norms) or whole 'layers'")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +110,8 @@ def main() -> None:
                 print(f"  forward passes per call: {(runner.forward_passes - passes) / 5:.1f}", flush=True)
                 dkw = {"question": q} if method == "longllmlingua" else {}
                 profiled(f"{shape}-{method}-{nd}-default",
-                         lambda: engine.compress(docs[:nd], method=method, rate=0.3, **dkw), out)
+                         lambda: (engine.clear_rankings(), engine.compress(docs[:nd], method=method, rate=0.3, **dkw)),
+                         out)
         if args.compare_static and engine.scorer.kv_cache:
             # the static-cache/graph path against the dynamic cache: same outputs? how much faster?
             from lingua_integrations.kv_graphs import StaticPool
@@ -146,7 +145,8 @@ def main() -> None:
                 for method, kw in methods(q):
                     dkw = {"question": q} if method == "longllmlingua" else {}
                     calls = {"drop-in": lambda: pc.compress_prompt(docs[:nd], **kw),
-                             "default": lambda: engine.compress(docs[:nd], method=method, rate=0.3, **dkw)}
+                             "default": lambda: (engine.clear_rankings(),
+                                                 engine.compress(docs[:nd], method=method, rate=0.3, **dkw))[1]}
                     for label, call in calls.items():
                         for pack in ("auto", False):  # warm-up: graph captures and the packing probe
                             runner.pack = pack
@@ -172,42 +172,11 @@ def main() -> None:
                 table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
             with open(out / "profiles.txt", "a") as f:
                 f.write(f"==== kernels {shape} longllmlingua {nd} drop-in\n{table}\n")
-        if args.compile:
-            # an experiment: fused elementwise kernels (norms, rotary, SwiGLU) by compiling each decoder
-            # layer ("regional" compilation: the 32 identical layers share one compiled graph)
-            sc = engine.scorer
-            model = engine.loaded.model
-            long_kw = dict(methods(q))["longllmlingua"]
-            plain_out = {nd: pc.compress_prompt(docs[:nd], **long_kw)["compressed_prompt"] for nd in args.docs}
-            for layer in model.model.layers:
-                # "parts" have no cache state: no recompiles per layer; whole layers guard on the cache,
-                # so they run with the static cache only (initialised up front: one guard state)
-                parts = (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm)
-                for part in parts if args.compile == "parts" else (layer,):
-                    part.compile(dynamic=True)
-            model.model.norm.compile(dynamic=True)
-            for static in (False, True) if args.compile == "parts" else (True,):
-                sc.static = type(sc.static)(model, sc.loaded.lock, sc.loaded.max_positions, 0, enabled=static)
-                for nd in args.docs:
-                    for method, kw in methods(q):
-                        try:
-                            first_s, _ = timed(lambda: pc.compress_prompt(docs[:nd], **kw))
-                            pc.compress_prompt(docs[:nd], **kw)
-                            times = []
-                            for _ in range(3):
-                                seconds, result = timed(lambda: pc.compress_prompt(docs[:nd], **kw))
-                                again = result["compressed_prompt"]
-                                times.append(seconds)
-                            same = speed.words_f1(plain_out[nd], again) if method == "longllmlingua" else float("nan")
-                            print(f"  compiled layers, static={static} {method} {nd} docs: {sorted(times)[1]:.3f} s, "
-                                  f"first {first_s:.1f} s, F1 vs uncompiled {same:.4f}, static pool on "
-                                  f"{sc.static.enabled}", flush=True)
-                        except Exception as exc:  # noqa: BLE001 - a diagnostic: report and go on
-                            print(f"  compiled {method} {nd} docs failed: {type(exc).__name__}: {exc}"[:400], flush=True)
         if shape.startswith("smollm2"):
             jobs = [(docs[20 * k : 20 * k + 20], questions[20 * k]) for k in range(16)]
             profiled(f"{shape}-16-sequential-default",
-                     lambda: [engine.compress(d, question=qq, rate=0.33) for d, qq in jobs], out, repeats=1, top=60)
+                     lambda: (engine.clear_rankings(), [engine.compress(d, question=qq, rate=0.33) for d, qq in jobs]),
+                     out, repeats=1, top=60)
         pc = engine = None
         speed.release_models()
     if args.llmlingua2:

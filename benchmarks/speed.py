@@ -172,8 +172,9 @@ def gpu(args) -> dict:
                                                                                       r["compressed_prompt"])}
             method = "longllmlingua" if "question" in case["kwargs"] else "llmlingua"
             kw = {"question": q} if method == "longllmlingua" else {}
-            row["ours_default_mode_s"], _ = timeit(lambda: engine.compress(case["context"], method=method, rate=0.3,
-                                                                           **kw), args.repeats)
+            # each timed call as a new retrieval: without the engine's memoised ranking of these documents
+            row["ours_default_mode_s"], _ = timeit(lambda: (engine.clear_rankings(), engine.compress(
+                case["context"], method=method, rate=0.3, **kw))[1], args.repeats)
             rows.append(row)
             checkpoint(args, rows)
             print(row, flush=True)
@@ -223,12 +224,14 @@ def concurrency(engine: CompressionEngine, docs, questions, calls: int) -> dict:
 
     for job in jobs:
         one(job)  # warm-up: every call's shapes captured (and compiled) before either timing
+    engine.clear_rankings()  # timed calls rank their documents, as new retrievals would (the memo holds 64)
     t = time.perf_counter()
     alone = [one(job) for job in jobs]
     sequential_s = time.perf_counter() - t
     queue = engine.loaded.scoring_queue()
     with cf.ThreadPoolExecutor(calls) as pool:  # a warm-up round captures the batched shapes
         list(pool.map(one, jobs))
+        engine.clear_rankings()
         rounds0 = queue.rounds
         t = time.perf_counter()
         together = list(pool.map(one, jobs))

@@ -300,15 +300,17 @@ class PromptCompressor:
 
         origin_tokens = self.oai_count(SEPARATOR.join([instruction] + contexts + [question]).strip())
         self.engine.check_input_size(origin_tokens)
-        *lengths, fixed_instruction, fixed_question = map(len, self.scorer.encode_many([*contexts, instruction, question],
-                                                                                    special=True))
+        *context_ids, instruction_ids, question_ids = self.scorer.encode_many([*contexts, instruction, question],
+                                                                             special=True)
+        lengths = [len(ids) for ids in context_ids]
+        fixed_instruction, fixed_question = len(instruction_ids), len(question_ids)
         if target_token == -1:
             target_token = (fixed_instruction + fixed_question + sum(lengths)) * rate - fixed_instruction - (
                 fixed_question if concate_question else 0)
 
         spans = _spans
         if len(contexts) > 1 and use_context_level_filter:
-            ranked = [r.index for r in rank_contexts(self.scorer, contexts, question, condition)]
+            ranked = [r.index for r in rank_contexts(self.scorer, contexts, question, condition, context_ids)]
             budget = bc.apply_slack(target_token if target_token >= 0 else 100, context_budget)
             forced = list(force_context_ids or [])
             if spans is not None and strict_preserve_uncompressed:
@@ -318,14 +320,17 @@ class PromptCompressor:
             offset_of = dict(zip(taken, bc.dynamic_ratios(len(taken), dynamic_context_compression_ratio)))
             deltas = [offset_of[i] for i in used]
             contexts = [contexts[i] for i in used]
+            lengths = [lengths[i] for i in used]
             spans = [spans[i] for i in used] if spans is not None else None
         else:
             deltas = [0.0] * len(contexts)
 
         if use_token_level_filter:
             prefix = (question + SEPARATOR + instruction if add_instruction else question) if conditioned else None
+            # the reference's plan estimates each context as its tokens without special tokens, plus two
+            plain = [n - self.tokenizer.num_special_tokens_to_add() + 2 for n in lengths]
             compressed = self._iterative(contexts, prefix, target_token, iterative_size, deltas, condition_compare,
-                                         spans, rate)
+                                         spans, rate, plain)
         else:
             compressed = SEPARATOR.join(contexts)
 
@@ -410,14 +415,14 @@ class PromptCompressor:
         return res
 
     def _iterative(self, contexts: list[str], prefix: str | None, target_token: float, window: int,
-                   deltas: list[float], contrastive: bool, spans: list | None, default_rate: float) -> str:
+                   deltas: list[float], contrastive: bool, spans: list | None, default_rate: float,
+                   estimated: list[int]) -> str:
         pieces = ([prefix] if prefix is not None else []) + contexts
         layout = _Layout.build(self.tokenizer, pieces)
         start = 0
         if prefix is not None:
             start = next((p for p, o in enumerate(layout.owner) if o >= 1), len(layout.ids))
         if spans is None:
-            estimated = [len(ids) + 2 for ids in self.scorer.encode_many(contexts)]
             tau = target_token / (sum(estimated) + 1)
             plan = bc.reference_plan(estimated, tau, deltas, window)
         else:

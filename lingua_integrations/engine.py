@@ -491,6 +491,14 @@ class CompressionEngine:
             raise TypeError(f"question must be a string, got {type(question).__name__}")
         return self._rank(texts, question.strip() and question, ranking) if texts else []
 
+    def clear_rankings(self) -> None:
+        """Forget the memoised coarse rankings (the last 64 (documents, question, ranking)
+        seen). A memo hit skips the ranking pass, so a caller that compresses the same
+        retrieved set again at another rate pays for it once; a benchmark timing repeated
+        identical calls clears it to time what a new retrieval costs."""
+        with self._lazy:
+            self._rankings.clear()
+
     def recover(self, original_prompt: str, compressed_prompt: str, response: str) -> str:
         """Map spans of an LLM ``response`` copied from ``compressed_prompt`` back to the
         text of ``original_prompt`` (restores names that token deletion mangled)."""

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import is_char_subsequence
 
+from lingua_integrations import CompressionEngine
+
 
 def _check_accounting(result, n):
     assert [c.index for c in result.contexts] == list(range(n))  # every input context, in input order
@@ -74,6 +76,32 @@ def test_question_aware_ranking_prefers_the_gold_passage(engine, nq_cases):
         ranks.append(order.index(case.gold_index))
     assert sum(ranks) / len(ranks) < 9.5, ranks
     assert sum(r < 3 for r in ranks) >= 2, ranks
+
+    # the drop-in passes the contexts' ids it tokenized anyway: the same ranking, one tokenization less
+    case = nq_cases[0]
+    ids = engine.scorer.encode_many(case.documents, special=True)
+    for condition in ("after", "none"):
+        given = rank_contexts(engine.scorer, case.documents, case.question, condition, context_ids=ids)
+        assert given == rank_contexts(engine.scorer, case.documents, case.question, condition)
+    with pytest.raises(ValueError, match="context_ids has 1 entries"):
+        rank_contexts(engine.scorer, case.documents, case.question, "after", context_ids=ids[:1])
+
+
+def test_ranking_is_memoised_until_cleared(nq_cases):
+    """Compressing the same retrieved set again (another rate) reuses its ranking: no LM
+    pass; ``clear_rankings`` forgets it (benchmarks time new retrievals that way)."""
+    engine = CompressionEngine(device="cpu")
+    runner = engine.loaded.scoring_queue().runner
+    case = nq_cases[1]
+    runs = []
+    for clear in (False, False, True):
+        if clear:
+            engine.clear_rankings()
+        before = runner.forward_passes
+        ranked = engine.rank(case.documents[:8], case.question, ranking="perplexity")
+        runs.append((runner.forward_passes - before, ranked))
+    assert runs[0][0] > 0 and runs[1][0] == 0 and runs[2][0] == runs[0][0]
+    assert runs[0][1] == runs[1][1] == runs[2][1]
 
 
 def test_concurrent_callers_get_the_sequential_results(engine, nq_cases):
