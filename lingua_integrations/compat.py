@@ -328,7 +328,8 @@ class PromptCompressor:
         if use_token_level_filter:
             prefix = (question + SEPARATOR + instruction if add_instruction else question) if conditioned else None
             # the reference's plan estimates each context as its tokens without special tokens, plus two
-            plain = [n - self.tokenizer.num_special_tokens_to_add() + 2 for n in lengths]
+            special = self.tokenizer.num_special_tokens_to_add()
+            plain = [n - special + 2 for n in lengths]
             compressed = self._iterative(contexts, prefix, target_token, iterative_size, deltas, condition_compare,
                                          spans, rate, plain)
         else:
