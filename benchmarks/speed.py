@@ -218,8 +218,9 @@ def checkpoint(args, rows: list[dict]) -> None:
     (Path(args.out) / f"speed-{args.device}.partial.json").write_text(json.dumps(rows, indent=1))
 
 
-def concurrency(engine: CompressionEngine, docs, questions, calls: int) -> dict:
-    """``calls`` compressions of 20 NQ documents each: one at a time, then all at once."""
+def concurrency(engine: CompressionEngine, docs, questions, calls: int, workers: int = 8) -> dict:
+    """``calls`` compressions of 20 NQ documents each: one at a time, then all at once from
+    ``calls`` threads, first in this process, then with ``workers`` host worker processes."""
     starts = [(20 * k) % (len(docs) - 20) for k in range(calls)]
     jobs = [(docs[s : s + 20], questions[s]) for s in starts]
 
@@ -235,20 +236,37 @@ def concurrency(engine: CompressionEngine, docs, questions, calls: int) -> dict:
     alone = [one(job) for job in jobs]
     sequential_s = time.perf_counter() - t
     queue = engine.loaded.scoring_queue()
-    with cf.ThreadPoolExecutor(calls) as pool:  # a warm-up round captures the batched shapes
-        list(pool.map(one, jobs))
-        engine.clear_rankings()
-        rounds0 = queue.rounds
-        t = time.perf_counter()
-        together = list(pool.map(one, jobs))
-        concurrent_s = time.perf_counter() - t
-    lat = sorted(x[0] for x in together)
-    return {"calls": calls, "sequential_s": sequential_s, "concurrent_s": concurrent_s,
-            "throughput_ratio": sequential_s / concurrent_s, "p50_s": lat[len(lat) // 2],
-            "p95_s": lat[int(0.95 * (len(lat) - 1))], "alone_p50_s": sorted(x[0] for x in alone)[calls // 2],
-            "device_rounds": queue.rounds - rounds0,
-            "same_output_share": sum(a[1] == b[1] for a, b in zip(alone, together)) / calls,
-            "mean_f1_vs_alone": statistics.mean(words_f1(a[1], b[1]) for a, b in zip(alone, together))}
+
+    def together() -> dict:
+        with cf.ThreadPoolExecutor(calls) as pool:
+            for _ in range(4):  # warm-up rounds, until one captures no new batched shape
+                captured = queue.runner.captured_shapes
+                list(pool.map(one, jobs))
+                if queue.runner.captured_shapes == captured:
+                    break
+            engine.clear_rankings()
+            rounds0, captured = queue.rounds, queue.runner.captured_shapes
+            t = time.perf_counter()
+            out = list(pool.map(one, jobs))
+            concurrent_s = time.perf_counter() - t
+        lat = sorted(x[0] for x in out)
+        return {"concurrent_s": concurrent_s, "throughput_ratio": sequential_s / concurrent_s,
+                "p50_s": lat[len(lat) // 2], "p95_s": lat[int(0.95 * (len(lat) - 1))],
+                "device_rounds": queue.rounds - rounds0, "shapes_captured_while_timed": queue.runner.captured_shapes - captured,
+                "same_output_share": sum(a[1] == b[1] for a, b in zip(alone, out)) / calls,
+                "mean_f1_vs_alone": statistics.mean(words_f1(a[1], b[1]) for a, b in zip(alone, out))}
+
+    result = {"calls": calls, "sequential_s": sequential_s, "alone_p50_s": sorted(x[0] for x in alone)[calls // 2],
+              **together()}
+    t = time.perf_counter()
+    engine.start_workers(workers)
+    started = time.perf_counter() - t
+    try:
+        result["host_workers"] = {"processes": workers, "start_s": started, **together(),
+                                  "worker_startup": engine.host_workers.startup}
+    finally:
+        engine.stop_workers()
+    return result
 
 
 def fidelity_random(engine: CompressionEngine, docs, questions, tok, shape: str, cases: int = 5) -> dict:

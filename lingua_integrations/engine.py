@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import json
 import math
 import threading
@@ -37,6 +38,7 @@ from .structured import parse_spans
 from .token_classification import TokenClassifier, count_distinct, fit_total, prepare, select_words
 from .units import Granularity, salient_units, token_units
 from .tokens import DEFAULT_ENCODING, TokenCounter, TokenCounterLike
+from .workers import HostWorkers, NotPortable
 
 Method = Literal["llmlingua", "longllmlingua", "llmlingua2"]
 METHODS = ("llmlingua", "longllmlingua", "llmlingua2")
@@ -55,6 +57,7 @@ RERANK_MAX = 64  # ... and at most this many (BM25's best half of 5,000 document
 MAX_INPUT_TOKENS = 262_144
 SEPARATOR = "\n\n"
 RATE_TOLERANCE = 0.05  # the budget fit stops within +-5% of the target
+HOST_WORKER_METHODS = ("llmlingua", "longllmlingua")  # what host workers run (LLMLingua-2: the calling thread)
 
 
 def serving_session(method):
@@ -65,6 +68,24 @@ def serving_session(method):
     def wrapper(self, *args: Any, **kwargs: Any):
         with getattr(self, "engine", self).session():
             return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def host_offloaded(method):
+    """Send an engine call to the engine's host workers when it has them and the call's
+    method runs there (see :mod:`.workers`); otherwise run it here."""
+    default = inspect.signature(method).parameters["method"].default
+
+    @functools.wraps(method)
+    def wrapper(self, *args: Any, **kwargs: Any):
+        workers = self._workers
+        if workers is not None and workers.alive and kwargs.get("method", default) in HOST_WORKER_METHODS:
+            try:
+                return workers.compress(args, kwargs)
+            except NotPortable:  # e.g. a context list holding unpicklable objects: fails here with a clear error
+                pass
+        return method(self, *args, **kwargs)
 
     return wrapper
 
@@ -235,18 +256,33 @@ class CompressionEngine:
         max_input_tokens: int | None = MAX_INPUT_TOKENS,
         **model_options: Any,
     ) -> None:
+        self._configure(model, resolve_device(device), dtype, token_counter, batch_size, llmlingua2_model,
+                        max_input_tokens, **model_options)
+        if llmlingua2_model is None:
+            self.scorer  # noqa: B018 - load now: the causal LM is what this engine is for
+
+    def _configure(self, model: str, device: str, dtype: str | torch.dtype | None, token_counter: TokenCounterLike,
+                   batch_size: int, llmlingua2_model: str | None, max_input_tokens: int | None,
+                   **model_options: Any) -> None:
+        """Settings and empty state, no model (host workers build their engines from this)."""
         self.model_name = model
         self.llmlingua2_model = llmlingua2_model
         self.count = TokenCounter(token_counter)
+        self._token_counter = token_counter
         self.batch_size = batch_size
         self.max_input_tokens = max_input_tokens
-        self._device, self._dtype, self._options = resolve_device(device), dtype, model_options
+        self._device, self._dtype, self._options = device, dtype, model_options
         self._scorer: CausalScorer | None = None
         self._classifier: TokenClassifier | None = None
         self._lazy = threading.Lock()
         self._rankings: dict[str, list[Ranked]] = {}  # recent coarse rankings (insertion-ordered)
-        if llmlingua2_model is None:
-            self.scorer  # noqa: B018 - load now: the causal LM is what this engine is for
+        self._workers: HostWorkers | None = None
+
+    def _settings(self) -> dict[str, Any]:
+        """What :meth:`_configure` needs besides the model and device (sent to host workers)."""
+        return {"token_counter": self._token_counter, "batch_size": self.batch_size,
+                "llmlingua2_model": self.llmlingua2_model, "max_input_tokens": self.max_input_tokens,
+                **self._options}
 
     @property
     def scorer(self) -> CausalScorer:
@@ -319,8 +355,40 @@ class CompressionEngine:
         scorer = self._scorer
         return scorer.session() if scorer is not None else contextlib.nullcontext()
 
+    def start_workers(self, processes: int = 4) -> "CompressionEngine":
+        """Run the Python of concurrent LLMLingua/LongLLMLingua calls in ``processes``
+        worker processes; the model stays here and batches their device work.
+
+        For a small LM on a GPU serving many callers at once: there, each call's own
+        Python (tokenizing, ranking, ITPC bookkeeping) outweighs its device work, and
+        threads run it one at a time (see :mod:`.workers`). Outputs are those of the
+        calling thread's path. Workers start in a few seconds each (they import torch);
+        start them once, at startup, inside ``if __name__ == "__main__":``. Returns the
+        engine, so ``CompressionEngine.shared(...).start_workers(8)`` reads naturally.
+        """
+        with self._lazy:
+            if self._workers is not None:
+                raise RuntimeError("this engine already has host workers: stop_workers() first to change their number")
+        workers = HostWorkers(self, processes)
+        with self._lazy:
+            self._workers = workers
+        return self
+
+    @property
+    def host_workers(self) -> HostWorkers | None:
+        """The running host workers (``start_workers``), or None."""
+        return self._workers
+
+    def stop_workers(self) -> None:
+        """Stop the host workers (if any); calls then run in the calling thread again."""
+        with self._lazy:
+            workers, self._workers = self._workers, None
+        if workers is not None:
+            workers.close()
+
     # ------------------------------------------------------------------ public API
     @serving_session
+    @host_offloaded
     def compress(
         self,
         context: str | Sequence[str],
@@ -498,6 +566,9 @@ class CompressionEngine:
         identical calls clears it to time what a new retrieval costs."""
         with self._lazy:
             self._rankings.clear()
+            workers = self._workers
+        if workers is not None:
+            workers.clear_rankings()
 
     def recover(self, original_prompt: str, compressed_prompt: str, response: str) -> str:
         """Map spans of an LLM ``response`` copied from ``compressed_prompt`` back to the

@@ -144,6 +144,11 @@ class SurprisalRunner:
         self.positions_run = 0  # diagnostics: token positions those passes computed, padding included
         self.oom_events = 0  # diagnostics: out-of-memory errors recovered from
 
+    @property
+    def captured_shapes(self) -> int:
+        """Diagnostics: how many (rows, width) shapes have a captured graph."""
+        return len(self._captured)
+
     # -- the computation --------------------------------------------------------
     def _loss(self, ids: torch.Tensor, keep: int | torch.Tensor = 0,
               positions: torch.Tensor | None = None) -> torch.Tensor:

@@ -72,6 +72,15 @@ class _Admission:
             else:
                 self._held -= 1
 
+    def set_limit(self, limit: int | None) -> None:
+        """Change the limit; a higher one admits waiting callers at once (a lower one
+        takes effect as holders leave)."""
+        with self._lock:
+            self.limit = limit
+            while self._waiting and (limit is None or self._held < limit):
+                self._held += 1
+                self._waiting.popleft().set()
+
 
 class ScoringQueue:
     """Batches surprisal requests of concurrent callers onto one runner.
@@ -105,6 +114,12 @@ class ScoringQueue:
     @property
     def max_active(self) -> int | None:
         return self._admission.limit
+
+    @max_active.setter
+    def max_active(self, limit: int | None) -> None:
+        if limit is not None and limit < 1:
+            raise ValueError(f"max_active must be at least 1 (or None for no limit), got {limit}")
+        self._admission.set_limit(limit)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
