@@ -21,8 +21,11 @@ between requests). A model over 1B parameters extends a KV cache on the device w
 by window, which a worker cannot hold, and its calls are bound by device arithmetic
 anyway; LLMLingua-2 and the drop-in ``PromptCompressor`` run in the calling thread.
 
-Processes are started with ``spawn`` (a CUDA process must not fork), so a script that
-starts workers needs the usual ``if __name__ == "__main__":`` guard.
+Workers are forked from a ``forkserver`` (``spawn`` where there is none): never from
+this process, which may hold CUDA state, and without each worker importing torch and
+transformers again (a fresh interpreter took 10-15 s for that on the H100 machine, and
+eight starting at once took 91 s in all). A script that starts workers needs the usual
+``if __name__ == "__main__":`` guard: each worker imports the main module.
 """
 
 from __future__ import annotations
@@ -146,6 +149,16 @@ def _worker_main(conn) -> None:
             conn.send(("error", _portable(exc)))
 
 
+def _start_context(model_module: str):
+    """A forkserver context whose server has imported what workers need (spawn elsewhere)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    # takes effect when the server starts (the first workers of this process)
+    ctx.set_forkserver_preload(["torch", "transformers", model_module, __name__, "lingua_integrations.engine"])
+    return ctx
+
+
 class _Worker:
     def __init__(self, ctx, index: int) -> None:
         # the spec (a tokenizer: megabytes) follows over the pipe: passed as an argument, it
@@ -192,7 +205,7 @@ class HostWorkers:
             raise ValueError(f"host workers need this engine's settings to be picklable ({exc}): pass token_counter "
                              "as a tiktoken encoding name or a module-level function, not a lambda") from exc
         self.queue = loaded.scoring_queue()
-        ctx = multiprocessing.get_context("spawn")
+        ctx = _start_context(type(loaded.model).__module__)
         workers = [_Worker(ctx, k) for k in range(processes)]
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._all = list(workers)
@@ -201,6 +214,7 @@ class HostWorkers:
         try:
             for w in workers:
                 w.conn.send(spec)  # each child reads it once its imports are done (all import at once)
+            for w in workers:
                 if not w.conn.poll(START_TIMEOUT):
                     raise RuntimeError(f"a host worker did not start within {START_TIMEOUT:.0f} s")
                 kind, payload = w.conn.recv()
