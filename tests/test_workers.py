@@ -129,3 +129,23 @@ def test_start_workers_refuses_what_they_cannot_serve(engine):
     unpicklable.scorer.kv_cache = False
     with pytest.raises(ValueError, match="picklable"):
         unpicklable.start_workers(1)
+
+
+def test_a_script_without_a_main_guard_gets_told(tmp_path):
+    """Workers import the main module: an unguarded script would start workers from each
+    worker; the parent's error must say how to fix it, not show a broken pipe."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "from lingua_integrations import CompressionEngine\n"
+        "engine = CompressionEngine(device='cpu')\n"
+        "engine.scorer.kv_cache = False\n"
+        "engine.start_workers(1)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0
+    assert 'if __name__ == "__main__":' in run.stderr.splitlines()[-1], run.stderr[-2000:]
