@@ -161,8 +161,7 @@ def _start_context(model_module: str):
 
 class _Worker:
     def __init__(self, ctx, index: int) -> None:
-        # the spec (a tokenizer: megabytes) follows over the pipe: passed as an argument, it
-        # would make start() wait for this child's imports before the next child could start
+        # the spec (a tokenizer: megabytes) follows over the pipe once every worker is started
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_worker_main, args=(child,), name=f"lingua-host-{index}", daemon=True)
         self.process.start()
