@@ -17,7 +17,9 @@ CPU time and the worker that launches the device batches waits its turn behind t
 on an H100, 64 concurrent SmolLM2-shape calls took as long as running them one by one.
 ``max_active`` therefore lets only a few calls run at once (first come, first served);
 the rest wait at the door of ``session``. Measured there: 2 or 3 active calls 1.34-1.36x
-the throughput of one at a time, 4: 1.25x, 8: 1.29x, all 64: 1.00x.
+the throughput of one at a time, 4: 1.25x, 8: 1.29x, all 64: 1.00x. Host workers
+(:mod:`.workers`) take the calls' Python out of this process: while they run, the limit
+rises to their number.
 """
 
 from __future__ import annotations
