@@ -277,6 +277,7 @@ class CompressionEngine:
         self._lazy = threading.Lock()
         self._rankings: dict[str, list[Ranked]] = {}  # recent coarse rankings (insertion-ordered)
         self._workers: HostWorkers | None = None
+        self._workers_lock = threading.Lock()  # start/stop (not _lazy: starting takes seconds and needs the scorer)
 
     def _settings(self) -> dict[str, Any]:
         """What :meth:`_configure` needs besides the model and device (sent to host workers)."""
@@ -362,16 +363,15 @@ class CompressionEngine:
         For a small LM on a GPU serving many callers at once: there, each call's own
         Python (tokenizing, ranking, ITPC bookkeeping) outweighs its device work, and
         threads run it one at a time (see :mod:`.workers`). Outputs are those of the
-        calling thread's path. Workers start in a few seconds each (they import torch);
-        start them once, at startup, inside ``if __name__ == "__main__":``. Returns the
-        engine, so ``CompressionEngine.shared(...).start_workers(8)`` reads naturally.
+        calling thread's path. The first start in a process imports torch and transformers
+        once (5-15 s), later workers fork from there in a fraction of a second each; start
+        them once, at startup, inside ``if __name__ == "__main__":``. Returns the engine, so
+        ``CompressionEngine.shared(...).start_workers(8)`` reads naturally.
         """
-        with self._lazy:
+        with self._workers_lock:
             if self._workers is not None:
                 raise RuntimeError("this engine already has host workers: stop_workers() first to change their number")
-        workers = HostWorkers(self, processes)
-        with self._lazy:
-            self._workers = workers
+            self._workers = HostWorkers(self, processes)
         return self
 
     @property
@@ -381,10 +381,10 @@ class CompressionEngine:
 
     def stop_workers(self) -> None:
         """Stop the host workers (if any); calls then run in the calling thread again."""
-        with self._lazy:
+        with self._workers_lock:
             workers, self._workers = self._workers, None
-        if workers is not None:
-            workers.close()
+            if workers is not None:
+                workers.close()
 
     # ------------------------------------------------------------------ public API
     @serving_session
@@ -566,7 +566,7 @@ class CompressionEngine:
         identical calls clears it to time what a new retrieval costs."""
         with self._lazy:
             self._rankings.clear()
-            workers = self._workers
+        workers = self._workers
         if workers is not None:
             workers.clear_rankings()
 

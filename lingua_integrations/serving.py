@@ -69,7 +69,7 @@ class _Admission:
 
     def release(self) -> None:
         with self._lock:
-            if self._waiting:
+            if self._waiting and (self.limit is None or self._held <= self.limit):
                 self._waiting.popleft().set()  # the place passes on: _held stays
             else:
                 self._held -= 1

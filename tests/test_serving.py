@@ -236,6 +236,52 @@ def test_admission_lets_max_active_calls_in_first_come_first_served(engine, pass
         assert torch.allclose(results[k], expected[k], atol=1e-3)
 
 
+def test_changing_max_active_admits_or_holds_waiting_callers(engine):
+    """Host workers raise the limit while callers wait at the door: those that now fit go
+    in at once; a lowered limit holds the door until enough holders have left."""
+    from lingua_integrations.serving import ScoringQueue
+
+    queue = ScoringQueue(engine.loaded.scoring_queue().runner, max_active=1)
+    admission = queue._admission
+    inside, leave = [], {k: threading.Event() for k in range(4)}
+
+    def call(k):
+        with queue.session():
+            inside.append(k)
+            leave[k].wait(60)
+
+    def until(condition, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
+    threads[0].start()
+    until(lambda: inside == [0], "the first caller was not let in")
+    for k in (1, 2, 3):
+        threads[k].start()
+        until(lambda: len(admission._waiting) == k, "a caller did not wait at the door")
+    queue.max_active = 3  # two of the three waiting fit now
+    until(lambda: sorted(inside) == [0, 1, 2], "a raised limit did not admit the waiting callers")
+    assert len(admission._waiting) == 1
+    queue.max_active = 1  # three inside, one waiting: it waits until the others have all left
+    leave[0].set()
+    time.sleep(0.2)
+    assert len(inside) == 3 and len(admission._waiting) == 1, "a place passed on above the lowered limit"
+    leave[1].set()
+    time.sleep(0.2)
+    assert len(admission._waiting) == 1
+    leave[2].set()
+    until(lambda: 3 in inside, "the last holder's place was not passed on")
+    leave[3].set()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    with pytest.raises(ValueError, match="max_active"):
+        queue.max_active = 0
+
+
 def test_a_failing_request_fails_only_its_caller(engine, passages):
     queue = engine.loaded.scoring_queue()
     good = engine.scorer.encode_many(passages[:3], special=True)
