@@ -7,6 +7,14 @@ from pathlib import Path
 
 import pytest
 
+# These machines never reach the Hugging Face hub: tests run offline, so a hub id that is not
+# cached fails at once instead of after minutes of retries (huggingface_hub reads the
+# variable at import, which a plugin may have done already)
+os.environ["HF_HUB_OFFLINE"] = "1"
+import huggingface_hub.constants  # noqa: E402
+
+huggingface_hub.constants.HF_HUB_OFFLINE = True
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LINGUA_SHARED_DIR", ROOT.parent / "shared"))
 NQ_PATH = SHARED / "data" / "nq-open-oracle-dev.jsonl.gz"
