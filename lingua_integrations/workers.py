@@ -124,7 +124,7 @@ def _worker_main(conn) -> None:
     until told to stop."""
     torch.set_num_threads(1)  # host work only; the parent's CPU threads stay its own
     try:
-        spec: _Spec = conn.recv()
+        spec: _Spec = pickle.loads(conn.recv_bytes())
         imported = time.time() - spec.started  # the process started and its imports done
         engine = _host_engine(spec, conn)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
@@ -199,7 +199,7 @@ class HostWorkers:
         spec = _Spec(type(loaded.model), loaded.model.config, loaded.tokenizer, loaded.device, loaded.dtype,
                      loaded.name, engine._settings(), time.time())
         try:
-            pickle.dumps(spec)
+            blob = pickle.dumps(spec)  # once, for every worker (a tokenizer: megabytes)
         except Exception as exc:  # noqa: BLE001
             raise ValueError(f"host workers need this engine's settings to be picklable ({exc}): pass token_counter "
                              "as a tiktoken encoding name or a module-level function, not a lambda") from exc
@@ -212,7 +212,7 @@ class HostWorkers:
         self.startup: list[dict[str, float]] = []  # diagnostics: each worker's start-up seconds
         try:
             for w in workers:
-                w.conn.send(spec)  # each child reads it once its imports are done (all import at once)
+                w.conn.send_bytes(blob)  # each child reads it once its imports are done (all import at once)
             for w in workers:
                 if not w.conn.poll(START_TIMEOUT):
                     raise RuntimeError(f"a host worker did not start within {START_TIMEOUT:.0f} s")

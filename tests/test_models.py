@@ -47,12 +47,7 @@ def test_local_directory_loads_like_a_hub_checkout(engine, tmp_path):
 
 
 def test_hub_id_not_available_offline_says_what_to_do(monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads the variable once, at import: without this the call goes to the
-    # network, which here fails only after minutes of retries where connections time out
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # conftest also sets huggingface_hub's constant, read at import
     with pytest.raises(ValueError, match="huggingface-cli download|local directory"):
         ModelRegistry.get_causal_lm("NousResearch/Llama-2-7b-hf", "cpu", "float32")
 

@@ -180,6 +180,14 @@ def test_queue_batches_concurrent_requests_and_routes_results(engine, passages):
         assert torch.allclose(results[k], expected, atol=1e-3)
 
 
+def until(condition, what: str) -> None:
+    """Wait (at most 30 s) for ``condition``, failing with ``what``."""
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
 def test_admission_lets_max_active_calls_in_first_come_first_served(engine, passages):
     """On a GPU only a few calls run at once (more fight over the GIL): the rest wait at
     the door of ``session`` in arrival order; a nested session of an admitted thread
@@ -207,12 +215,6 @@ def test_admission_lets_max_active_calls_in_first_come_first_served(engine, pass
                 results[k] = queue.surprisal([seqs[k]])[0]
             with lock:
                 inside[0] -= 1
-
-    def until(condition, what: str) -> None:
-        deadline = time.monotonic() + 30
-        while not condition():
-            assert time.monotonic() < deadline, what
-            time.sleep(0.005)
 
     threads = []
     for k in range(4):  # one by one, so the arrival order is 0, 1, 2, 3
@@ -249,12 +251,6 @@ def test_changing_max_active_admits_or_holds_waiting_callers(engine):
         with queue.session():
             inside.append(k)
             leave[k].wait(60)
-
-    def until(condition, what: str) -> None:
-        deadline = time.monotonic() + 30
-        while not condition():
-            assert time.monotonic() < deadline, what
-            time.sleep(0.005)
 
     threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
     threads[0].start()
