@@ -245,14 +245,22 @@ def concurrency(engine: CompressionEngine, docs, questions, calls: int, workers:
                 if queue.runner.captured_shapes == captured:
                     break
             engine.clear_rankings()
-            rounds0, captured = queue.rounds, queue.runner.captured_shapes
+            runner = queue.runner
+            rounds0, captured = queue.rounds, runner.captured_shapes
+            counts0 = runner.positions_run, runner.tokens_run, runner.head_positions
             t = time.perf_counter()
             out = list(pool.map(one, jobs))
             concurrent_s = time.perf_counter() - t
+            positions, tokens, head = (now - then for now, then in
+                                       zip((runner.positions_run, runner.tokens_run, runner.head_positions), counts0))
         lat = sorted(x[0] for x in out)
         return {"concurrent_s": concurrent_s, "throughput_ratio": sequential_s / concurrent_s,
                 "p50_s": lat[len(lat) // 2], "p95_s": lat[int(0.95 * (len(lat) - 1))],
                 "device_rounds": queue.rounds - rounds0, "shapes_captured_while_timed": queue.runner.captured_shapes - captured,
+                # device work per call: positions the passes ran (padding included), the real tokens
+                # among them, and the share of positions the LM head ran at
+                "positions_per_call": positions / calls, "padding_share": 1 - tokens / max(1, positions),
+                "head_share": head / max(1, positions),
                 "same_output_share": sum(a[1] == b[1] for a, b in zip(alone, out)) / calls,
                 "mean_f1_vs_alone": statistics.mean(words_f1(a[1], b[1]) for a, b in zip(alone, out))}
 

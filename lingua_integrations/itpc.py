@@ -120,10 +120,13 @@ class _Stream:
 
 
 def _score_from_scratch(scorer: CausalScorer, todo: list[tuple[_Stream, torch.Tensor]]) -> None:
-    """Score each stream's view afresh, all views in one batch (no KV cache)."""
+    """Score each stream's view afresh, all views in one batch (no KV cache). Only the
+    scores a KV cache would have recomputed are asked for (tokens after ``cached``): the
+    model still reads the whole view, but the LM head runs only there."""
     todo = [(st, ids) for st, ids in todo if len(ids) >= 2]
-    for (st, _), loss in zip(todo, scorer.sequences_surprisal([ids for _, ids in todo])):
-        st._write(st.offset, loss)
+    starts = [st.cached + 1 for st, _ in todo]
+    for (st, _), first, loss in zip(todo, starts, scorer.sequences_surprisal([ids for _, ids in todo], starts)):
+        st._write(st.offset + first - 1, loss)
 
 
 def _score_first(streams: list[tuple[_Stream, int | None]]) -> None:
@@ -138,7 +141,8 @@ def _score_first(streams: list[tuple[_Stream, int | None]]) -> None:
 
 def _score_upto(streams: list[tuple[_Stream, int, int]]) -> None:
     """Scores up to ``end`` for each ``(stream, end, keep)``: with the KV cache, stream by
-    stream; without it, every stream's whole view in one batch."""
+    stream; without it, every stream's whole view in one batch. Either way, positions
+    before ``keep`` are final from then on (the next step starts its scores there)."""
     scorer = streams[0][0].scorer
     if scorer.kv_cache:
         for st, end, keep in streams:
@@ -150,6 +154,10 @@ def _score_upto(streams: list[tuple[_Stream, int, int]]) -> None:
         if view is not None:
             todo.append((st, view[1]))
     _score_from_scratch(scorer, todo)
+    for st, ids in todo:
+        st.cached = len(ids)
+    for st, _, keep in streams:  # as :meth:`_Stream.refresh` crops its cache
+        st.cached = max(0, min(st.cached, keep - st.offset))
 
 
 @dataclass

@@ -28,6 +28,16 @@ tokens; a graph's static inputs are then the ids and the position ids. A one-off
 checks that the model honours packed position ids (same surprisals packed as alone)
 before packing is used. On a CPU, where batches are already cut at 10% padding, packing
 measured no faster (20 passages: 4.5-4.8 s either way), so it stays off there.
+
+**The LM head only where a score is asked for.** A packed pass computes the LM head (a
+fifth of a 135M model's arithmetic) and the log-softmax over the vocabulary only at the
+positions its sequences score: ranking asks for the question's ~20 tokens after each
+document, an ITPC window step for the tail its KV cache would have recomputed. The
+decoder's hidden states are gathered at those positions (a flat index, an input of the
+captured graph, its length bucketed to an eighth, a quarter or half of the pass) before
+the head. A one-off probe checks that the model's own forward gives the same
+surprisals (a model that post-processes its logits would not), else the head runs
+everywhere.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from .compilation import compile_available, compile_regions, compiled, no_recomp
 logger = logging.getLogger(__name__)
 
 MIN_WINDOW = 128  # the shortest window a sequence is cut into under memory pressure
+PACK_WIDTH = 512  # the narrowest packed row (see SurprisalRunner._row_width)
 # bucket edges for sequence lengths: powers of two and the midpoints between them
 _LENGTHS = sorted({int(b * m) for b in (2 ** k for k in range(5, 18)) for m in (1.0, 1.5)})
 
@@ -140,8 +151,11 @@ class SurprisalRunner:
         self.compile: str | bool = compile
         self._uncompile: Callable[[], None] | None = None  # undoes compile_regions (None: not compiled)
         self._pack_ok: bool | None = None  # probe result (None: not probed yet)
+        self._gather_ok: bool | None = None  # probe result for the gathered LM head (None: not probed yet)
         self.forward_passes = 0  # diagnostics: device passes run
         self.positions_run = 0  # diagnostics: token positions those passes computed, padding included
+        self.head_positions = 0  # diagnostics: positions the LM head ran at
+        self.tokens_run = 0  # diagnostics: real tokens in those passes (positions_run less padding)
         self.oom_events = 0  # diagnostics: out-of-memory errors recovered from
 
     @property
@@ -151,13 +165,13 @@ class SurprisalRunner:
 
     # -- the computation --------------------------------------------------------
     def _loss(self, ids: torch.Tensor, keep: int | torch.Tensor = 0,
-              positions: torch.Tensor | None = None) -> torch.Tensor:
+              positions: torch.Tensor | None = None, flat: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`_pass`, through the compiled model when compilation is on. A pass that
         fails compiled is rerun eagerly: if that works, compilation was at fault (no
         compiler, an unsupported model) and is turned off; if not, the model's own error
         goes to the caller and compilation stays on."""
         if not self.compile:
-            return self._pass(ids, keep, positions, token_surprisal)
+            return self._pass(ids, keep, positions, token_surprisal, flat)
         with self.lock:
             first = self._uncompile is None
             if first:
@@ -165,12 +179,12 @@ class SurprisalRunner:
         try:
             if first and self.compile == "cache-free":
                 self._warm_single_rows()
-            return self._pass(ids, keep, positions, compiled(token_surprisal))
+            return self._pass(ids, keep, positions, compiled(token_surprisal), flat)
         except Exception as exc:  # noqa: BLE001 - sorted out by the eager rerun
             if _is_oom(exc):
                 raise
             with uncompiled():
-                result = self._pass(ids, keep, positions, token_surprisal)
+                result = self._pass(ids, keep, positions, token_surprisal, flat)
             logger.warning("torch.compile failed (%s); running the model uncompiled", exc)
             self._stop_compiling()
             return result
@@ -189,14 +203,21 @@ class SurprisalRunner:
                 self._uncompile()
 
     def _pass(self, ids: torch.Tensor, keep: int | torch.Tensor, positions: torch.Tensor | None,
-              surprisal: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+              surprisal: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              flat: torch.Tensor | None = None) -> torch.Tensor:
         """Surprisal of the next token at each logit column of ``ids``: columns ``width -
         keep .. width - 2`` for an int ``keep`` (all when 0), the listed columns for a tensor.
         A ``keep`` skips the LM head (a fifth of a small LM's arithmetic) and the
-        log-softmax over the vocabulary elsewhere. ``positions``: packed rows' position ids."""
+        log-softmax over the vocabulary elsewhere. ``positions``: packed rows' position ids.
+        ``flat``: instead, a 1-D result at these indices into the flattened ``(rows, width)``
+        positions (each row's last column excluded), the head applied there alone."""
         kwargs: dict = {"use_cache": False}
         if positions is not None:
             kwargs["position_ids"] = positions
+        if flat is not None:
+            hidden = self.model.get_decoder()(input_ids=ids, **kwargs).last_hidden_state
+            picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
+            return surprisal(self.model.get_output_embeddings()(picked), ids.reshape(-1).index_select(0, flat + 1))
         logits = None
         if self._keep_logits and (isinstance(keep, torch.Tensor) or keep):
             try:
@@ -210,15 +231,17 @@ class SurprisalRunner:
         logits = logits[:, :-1]
         return surprisal(logits, ids[:, ids.shape[1] - logits.shape[1]:])
 
-    def _graph(self, shape: tuple[int, int], packed: bool = False):
+    def _graph(self, shape: tuple[int, int], packed: bool = False, head: int = 0):
         """The captured graph of ``shape`` (captured on first use; None when capture fails):
-        ``(graph, ids, positions or None, loss)``, the first two static inputs."""
-        key = (*shape, packed)
+        ``(graph, ids, positions or None, flat index or None, loss)``, the first two static
+        inputs. ``head``: the LM head at this many gathered positions (0: everywhere)."""
+        key = (*shape, packed, head)
         hit = self._captured.get(key)
         if hit is not None or not self.graphs:
             return hit
         static = torch.full(shape, self.pad_id, dtype=torch.long, device=self.device)
         positions = torch.arange(shape[1], device=self.device).expand(shape).contiguous() if packed else None
+        flat = torch.zeros(head, dtype=torch.long, device=self.device) if head else None
         try:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -228,18 +251,23 @@ class SurprisalRunner:
                 # warm-up) it skips the mask unless some row packs two sequences. Compile both variants.
                 warm = torch.arange(shape[1], device=self.device).repeat(shape[0], 1)
                 warm[:, shape[1] // 2 :] -= shape[1] // 2
-                self._loss(static, positions=positions)
-                self._loss(static, positions=warm)
+                self._loss(static, positions=positions, flat=flat)
+                self._loss(static, positions=warm, flat=flat)
                 torch.cuda.synchronize(self.device)
             with no_recompiling() if self.compile else contextlib.nullcontext():
-                graph, out = capture_graph(lambda: self._loss(static, positions=positions), self.device, self._pool)
+                graph, out = capture_graph(lambda: self._loss(static, positions=positions, flat=flat), self.device,
+                                           self._pool)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
             if _is_oom(exc):
                 raise
             if self.compile:  # the compiled model would not capture: capture it uncompiled
                 logger.warning("CUDA graph capture of the compiled model failed (%s); running it uncompiled", exc)
                 self._stop_compiling()
-                return self._graph(shape, packed)
+                return self._graph(shape, packed, head)
+            if head:  # the full head's graph may still capture
+                logger.warning("CUDA graph capture of the gathered LM head failed (%s); computing it everywhere", exc)
+                self._gather_ok = False
+                return None
             if packed:  # e.g. a transformers version whose packed-mask code syncs: padded graphs still work
                 logger.warning("CUDA graph capture of packed rows failed (%s); padding batches instead", exc)
                 self._pack_ok = False
@@ -247,15 +275,19 @@ class SurprisalRunner:
             logger.warning("CUDA graph capture failed (%s); running eagerly", exc)
             self.graphs = False
             return None
-        self._captured[key] = (graph, static, positions, out)
+        self._captured[key] = (graph, static, positions, flat, out)
         return self._captured[key]
 
     def _shape(self, rows: int, width: int) -> tuple[int, int]:
         """The padded shape a batch runs in: bucketed when graphs are on (few captures)."""
         if not self.graphs:
             return rows, width
+        return 1 << (rows - 1).bit_length(), _bucket(width, self._edges())
+
+    def _edges(self) -> list[int]:
+        """Bucket edges of sequence lengths (up to the model's window)."""
         edges = [e for e in _LENGTHS if not self.max_positions or e <= self.max_positions]
-        return 1 << (rows - 1).bit_length(), _bucket(width, edges + ([self.max_positions] if self.max_positions else []))
+        return edges + ([self.max_positions] if self.max_positions else [])
 
     def _run_batch(self, seqs: Sequence[torch.Tensor], starts: Sequence[int]) -> list[torch.Tensor]:
         rows, width = self._shape(len(seqs), max(len(s) for s in seqs))
@@ -265,7 +297,7 @@ class SurprisalRunner:
         with self.lock:
             captured = self._graph((rows, width)) if self.graphs else None
             if captured is not None:
-                graph, static, _, out = captured
+                graph, static, _, _, out = captured
                 static.copy_(ids, non_blocking=True)
                 graph.replay()
                 loss = out.to("cpu", copy=True)
@@ -273,6 +305,8 @@ class SurprisalRunner:
                 loss = self._loss(ids.to(self.device), width - min(starts) + 1).to("cpu")
             self.forward_passes += 1
             self.positions_run += rows * width
+            self.tokens_run += sum(len(s) for s in seqs)
+            self.head_positions += rows * loss.shape[1]
         first = width - loss.shape[1]  # the token the loss matrix starts at
         return [loss[r, st - first : len(s) - first] for r, (s, st) in enumerate(zip(seqs, starts))]
 
@@ -305,11 +339,51 @@ class SurprisalRunner:
             logger.info("this model does not honour packed position ids; padding batches instead")
         return ok
 
+    def _gathering(self) -> bool:
+        """Whether packed passes may compute the LM head at gathered positions only
+        (probing the model on first use)."""
+        if self._gather_ok is None:
+            self._gather_ok = self._probe_gather()
+        return self._gather_ok
+
+    def _probe_gather(self) -> bool:
+        """Does the decoder's hidden state through the output embeddings give the model's
+        own surprisals? (A model that scales or caps its logits, or hides its decoder,
+        would not.)"""
+        vocab = int(getattr(getattr(self.model, "config", None), "vocab_size", 0) or 1000)
+        ids = ((torch.arange(24) * 7 + 11) % vocab).reshape(2, 12).to(self.device)
+        rows, cols = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([3, 4, 5, 7, 8])
+        try:
+            with self.lock:
+                want = self._loss(ids)[rows, cols].float().cpu()
+                got = self._loss(ids, flat=(rows * 12 + cols).to(self.device)).float().cpu()
+        except Exception as exc:  # noqa: BLE001 - any failure: the head runs everywhere
+            logger.info("gathered LM head not usable with this model (%s); computing it at every position", exc)
+            return False
+        half = next(self.model.parameters()).dtype in (torch.float16, torch.bfloat16)
+        tol = 2e-2 if half else 1e-3
+        ok = got.shape == want.shape and torch.allclose(got, want, atol=tol, rtol=tol)
+        if not ok:
+            logger.info("this model's logits are not its output embeddings of the decoder's states; "
+                        "computing the LM head at every position")
+        return ok
+
+    def _head_size(self, needed: int, shape: tuple[int, int]) -> int:
+        """How many gathered positions a captured graph of ``shape`` computes the head at for
+        ``needed`` of them: an eighth, a quarter or half of the pass (few graphs per shape),
+        0 (everywhere) when more are needed."""
+        total = shape[0] * shape[1]
+        for part in (8, 4, 2):
+            if needed <= total // part:
+                return total // part
+        return 0
+
     def _run_packed(self, rows: list[list[tuple[int, torch.Tensor, int]]], eager: bool = False) -> dict[int, torch.Tensor]:
         """One pass over ``rows``, each a list of ``(key, ids, start)`` laid end to end;
         returns each key's surprisals of tokens ``start .. len-1``. Replays a captured graph
-        of the bucketed shape when graphs are on; eagerly, the LM head runs only on the
-        columns some sequence scores."""
+        of the bucketed shape when graphs are on. The LM head runs only at the positions
+        some sequence scores (see the module doc), or where the model does not allow that,
+        everywhere in a graph and eagerly on the columns some row scores."""
         graphs = self.graphs and not eager
         shape = (len(rows), max(sum(len(ids) for _, ids, _ in row) for row in rows))
         if graphs:
@@ -317,61 +391,90 @@ class SurprisalRunner:
         width = shape[1]
         ids = torch.full(shape, self.pad_id, dtype=torch.long)
         pos = torch.arange(width).repeat(shape[0], 1)  # padding: a sequence of its own
-        needed = torch.zeros(width - 1, dtype=torch.bool)  # logit columns some sequence scores from
-        placed = []
+        placed = []  # (key, row, first logit column, end column)
         for r, row in enumerate(rows):
             col = 0
             for key, seq, start in row:
                 n = len(seq)
                 ids[r, col : col + n] = seq
                 pos[r, col : col + n] = torch.arange(n)
-                needed[col + start - 1 : col + n - 1] = True
                 placed.append((key, r, col + start - 1, col + n - 1))
                 col += n
             pos[r, col:] = torch.arange(width - col)
+        flat = torch.cat([torch.arange(r * width + a, r * width + b) for _, r, a, b in placed])
+        gather = not eager and self._gathering()
         with self.lock:
-            captured = self._graph(shape, packed=True) if graphs else None
+            head = self._head_size(len(flat), shape) if gather and graphs else 0
+            captured = self._graph(shape, packed=True, head=head) if graphs else None
             if captured is not None:
-                graph, static, positions, out = captured
+                graph, static, positions, index, out = captured
                 static.copy_(ids, non_blocking=True)
                 positions.copy_(pos, non_blocking=True)
+                if index is not None:
+                    index.copy_(torch.cat([flat, torch.zeros(head - len(flat), dtype=torch.long)]), non_blocking=True)
                 graph.replay()
                 loss = out.to("cpu", copy=True)
+                self.head_positions += head or shape[0] * (width - 1)
+            elif gather and self._gather_ok:  # a capture may have just failed and turned it off
+                loss = self._loss(ids.to(self.device), positions=pos.to(self.device),
+                                  flat=flat.to(self.device)).to("cpu")
+                self.head_positions += len(flat)
             else:
+                needed = torch.zeros(width - 1, dtype=torch.bool)  # logit columns some sequence scores from
+                for _, _, a, b in placed:
+                    needed[a:b] = True
                 cols = needed.nonzero().squeeze(1)
                 if self._keep_logits and len(cols) < 0.8 * (width - 1):
                     scored = self._loss(ids.to(self.device), cols.to(self.device), pos.to(self.device)).to("cpu")
                     loss = torch.full((shape[0], width - 1), math.nan)
                     # a model that refused a tensor logits_to_keep returned every column
                     loss[:, cols] = scored if scored.shape[1] == len(cols) else scored[:, cols]
+                    self.head_positions += shape[0] * scored.shape[1]
                 else:
                     loss = self._loss(ids.to(self.device), positions=pos.to(self.device)).to("cpu")
+                    self.head_positions += shape[0] * (width - 1)
             self.forward_passes += 1
             self.positions_run += shape[0] * width
+            self.tokens_run += sum(len(seq) for row in rows for _, seq, _ in row)
+        if loss.dim() == 1:  # gathered: the spans one after another
+            sizes = [b - a for _, _, a, b in placed]
+            return {key: part for (key, _, _, _), part in zip(placed, loss[: len(flat)].split(sizes))}
         return {key: loss[r, a:b] for key, r, a, b in placed}
+
+    def _row_width(self, n: int) -> int:
+        """How wide the packed rows holding a sequence of ``n`` tokens are: its length
+        bucket, at least ``PACK_WIDTH``. Rows stay near their sequences' size because
+        attention over a packed row costs its width squared, masked blocks included (a
+        150-token passage in a 2048-wide row paid ~half as much again for attention as for
+        everything else); the floor lets short sequences share rows."""
+        edges = self._edges()
+        return min(_bucket(max(n, PACK_WIDTH), edges), max(n, edges[-1]))
 
     def _surprisal_packed(self, tensors: list[torch.Tensor], firsts: list[int], order: list[int],
                           max_rows: int) -> dict[int, torch.Tensor]:
         """Score ``order`` (indices into ``tensors``) in packed rows: first-fit by
-        decreasing length into rows as wide as the longest, rows into passes under the
-        token budget. A pass that runs out of memory falls back to padded batches."""
-        longest = max(len(tensors[i]) for i in order)
-        longest = self._shape(1, longest)[1]  # with graphs: the bucket's width (fills rows further)
-        rows: list[list[int]] = []
-        room: list[int] = []
+        decreasing length into rows of each sequence's width class (:meth:`_row_width`),
+        rows into passes under the token budget. A pass that runs out of memory falls
+        back to padded batches."""
+        classes: dict[int, list[int]] = {}  # row width -> its sequences, longest first
         for i in sorted(order, key=lambda i: -len(tensors[i])):
-            n = len(tensors[i])
-            r = next((k for k, left in enumerate(room) if left >= n), None)
-            if r is None:
-                rows.append([i])
-                room.append(longest - n)
-            else:
-                rows[r].append(i)
-                room[r] -= n
-        per_pass = max(1, min(max_rows, self.max_tokens // longest))
+            classes.setdefault(self._row_width(len(tensors[i])), []).append(i)
+        passes = []
+        for width, members in classes.items():
+            rows: list[list[int]] = []
+            room: list[int] = []
+            for i in members:
+                n = len(tensors[i])
+                r = next((k for k, left in enumerate(room) if left >= n), None)
+                if r is None:
+                    rows.append([i])
+                    room.append(width - n)
+                else:
+                    rows[r].append(i)
+                    room[r] -= n
+            passes += self._passes(rows, max(1, min(max_rows, self.max_tokens // width)))
         out: dict[int, torch.Tensor] = {}
-        for p in range(0, len(rows), per_pass):
-            group = rows[p : p + per_pass]
+        for group in passes:
             try:
                 out.update(self._run_packed([[(i, tensors[i], firsts[i]) for i in row] for row in group]))
             except Exception as exc:  # noqa: BLE001
@@ -382,6 +485,24 @@ class SurprisalRunner:
                 flat = [i for row in group for i in row]
                 out.update(zip(flat, self._run_split([tensors[i] for i in flat], [firsts[i] for i in flat])))
         return out
+
+    def _passes(self, rows: list[list[int]], per_pass: int) -> list[list[list[int]]]:
+        """Rows cut into passes of at most ``per_pass``. With graphs a pass's rows are
+        bucketed to a power of two, and padding rows cost as much as real ones (a 42-row
+        pass ran as 64): full passes take a power of two, and a last pass that would be
+        more than an eighth padding runs its largest power of two first."""
+        if not self.graphs:
+            return [rows[p : p + per_pass] for p in range(0, len(rows), per_pass)]
+        per_pass = 1 << (per_pass.bit_length() - 1)
+        passes, p = [], 0
+        while p < len(rows):
+            take = min(per_pass, len(rows) - p)
+            padded = 1 << (take - 1).bit_length()
+            if (padded - take) * 8 > padded:
+                take = 1 << (take.bit_length() - 1)
+            passes.append(rows[p : p + take])
+            p += take
+        return passes
 
     def _run_split(self, seqs: list[torch.Tensor], starts: list[int]) -> list[torch.Tensor]:
         """Run a batch; on CUDA out-of-memory halve it and retry, and score a single

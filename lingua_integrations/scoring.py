@@ -83,8 +83,7 @@ class CausalScorer:
         q = self.loaded.scoring_queue()
         if not self.use_queue:
             return q.runner.surprisal(seqs, max_rows=self.batch_size, starts=starts)
-        losses = q.surprisal(seqs)  # the queue's captured graphs score every token
-        return losses if starts is None else [loss[max(1, st) - 1 :] for loss, st in zip(losses, starts)]
+        return q.surprisal(seqs, starts)
 
     @torch.inference_mode()
     def surprisal(self, ids: torch.Tensor, cache: Any = None, cached: int = 0) -> tuple[torch.Tensor, Any]:
@@ -103,17 +102,22 @@ class CausalScorer:
         loss = F.cross_entropy(logits, labels, reduction="none")
         return loss, out.past_key_values
 
-    def sequences_surprisal(self, seqs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Surprisal of tokens ``1 .. len-1`` of sequences of any length: windows of the
-        model's length that overlap by one token, so every token is scored once; the
-        windows of all sequences go in one batch."""
+    def sequences_surprisal(self, seqs: Sequence[torch.Tensor], starts: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Surprisal of tokens ``start .. len-1`` of sequences of any length (``starts``
+        default 1 each): windows of the model's length that overlap by one token, so every
+        token is scored once; the windows of all sequences go in one batch. A window
+        that ends before its sequence's start is not scored."""
         window = self.loaded.max_positions
-        pieces, owners = [], []
+        pieces, firsts, owners = [], [], []
         for k, ids in enumerate(seqs):
+            first = 1 if starts is None else max(1, int(starts[k]))
             for s in range(0, max(1, len(ids) - 1), window - 1):
+                if s + window - 1 < first:  # ends before the first token asked for
+                    continue
                 pieces.append(ids[s : s + window])
+                firsts.append(max(1, first - s))
                 owners.append(k)
-        losses = self.batch_surprisal(pieces)
+        losses = self.batch_surprisal(pieces, starts=firsts)
         out: list[list[torch.Tensor]] = [[] for _ in seqs]
         for k, loss in zip(owners, losses):
             out[k].append(loss)

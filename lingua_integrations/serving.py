@@ -40,10 +40,11 @@ logger = logging.getLogger(__name__)
 
 
 class _Request:
-    __slots__ = ("seqs", "done", "result", "error")
+    __slots__ = ("seqs", "starts", "done", "result", "error")
 
-    def __init__(self, seqs: list[torch.Tensor]) -> None:
+    def __init__(self, seqs: list[torch.Tensor], starts: list[int]) -> None:
         self.seqs = seqs
+        self.starts = starts
         self.done = threading.Event()
         self.result: list[torch.Tensor] | None = None
         self.error: BaseException | None = None
@@ -142,11 +143,14 @@ class ScoringQueue:
                     self._active -= 1
                 self._admission.release()
 
-    def surprisal(self, seqs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def surprisal(self, seqs: Sequence[torch.Tensor], starts: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Like :meth:`SurprisalRunner.surprisal`, batched with whatever other callers ask now."""
         if not seqs:
             return []
-        request = _Request([torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in seqs])
+        if starts is not None and len(starts) != len(seqs):
+            raise ValueError(f"{len(starts)} starts given for {len(seqs)} sequences")
+        request = _Request([torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in seqs],
+                           [1] * len(seqs) if starts is None else [int(st) for st in starts])
         self._queue.put(request)
         self._ensure_worker()  # after the put: a worker that is exiting checks the queue under the lock
         request.done.wait()
@@ -196,14 +200,15 @@ class ScoringQueue:
             self.rounds += 1
             self.requests += len(batch)
             try:
-                flat = self.runner.surprisal([s for r in batch for s in r.seqs])
+                flat = self.runner.surprisal([s for r in batch for s in r.seqs],
+                                             starts=[st for r in batch for st in r.starts])
                 pos = 0
                 for r in batch:
                     r.result, pos = flat[pos : pos + len(r.seqs)], pos + len(r.seqs)
             except BaseException:  # noqa: BLE001 - isolate the request that fails
                 for r in batch:
                     try:
-                        r.result = self.runner.surprisal(r.seqs)
+                        r.result = self.runner.surprisal(r.seqs, starts=r.starts)
                     except BaseException as exc:  # noqa: BLE001 - delivered to its caller
                         r.error = exc
             for r in batch:

@@ -93,8 +93,9 @@ class _RemoteQueue:
     def session(self):
         return contextlib.nullcontext()  # the parent holds the session for this call
 
-    def surprisal(self, seqs) -> list[torch.Tensor]:
-        self.conn.send(("surprisal", [np.asarray(torch.as_tensor(s, dtype=torch.long).reshape(-1)) for s in seqs]))
+    def surprisal(self, seqs, starts=None) -> list[torch.Tensor]:
+        arrays = [np.asarray(torch.as_tensor(s, dtype=torch.long).reshape(-1)) for s in seqs]
+        self.conn.send(("surprisal", (arrays, None if starts is None else [int(st) for st in starts])))
         kind, payload = self.conn.recv()
         if kind == "error":
             raise payload
@@ -294,7 +295,9 @@ class HostWorkers:
                                        "during this call; the engine stops using it") from exc
                 if what == "surprisal":
                     try:
-                        reply = ("ok", [r.numpy() for r in self.queue.surprisal([torch.from_numpy(a) for a in body])])
+                        arrays, starts = body
+                        losses = self.queue.surprisal([torch.from_numpy(a) for a in arrays], starts)
+                        reply = ("ok", [r.numpy() for r in losses])
                     except BaseException as exc:  # noqa: BLE001 - the worker raises it in its call
                         reply = ("error", _portable(exc))
                     w.conn.send(reply)

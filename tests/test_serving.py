@@ -158,6 +158,51 @@ def test_itpc_without_kv_cache_keeps_the_same_tokens(engine, nq_rows):
     assert a.compressed_prompt == b.compressed_prompt
 
 
+def test_gpu_path_computes_the_head_only_where_scores_are_asked_for(engine, nq_rows):
+    """On a GPU a small LM's calls go through the queue in packed rows and ITPC rescores
+    each window's view; the LM head then runs only where a score is asked for (the
+    question after each document when ranking, the tail a KV cache would have
+    recomputed). That path here on the CPU: the same tokens as the KV-cache path."""
+    docs, q = [r["text"] for r in nq_rows[20:30]], nq_rows[20]["question"]
+    gpu_like = CompressionEngine(device="cpu")
+    gpu_like.scorer.kv_cache = False
+    gpu_like.scorer.use_queue = True
+    runner = gpu_like.loaded.scoring_queue().runner  # the process's runner of this model: restore it
+    pack = runner.pack
+    runner.pack = True
+    try:
+        shares = {}
+        for method in ("longllmlingua", "llmlingua"):
+            runner.tokens_run = runner.head_positions = 0
+            a = engine.compress(docs, question=q, method=method, rate=0.33)
+            b = gpu_like.compress(docs, question=q, method=method, rate=0.33)
+            assert a.compressed_prompt == b.compressed_prompt, method
+            shares[method] = runner.head_positions / runner.tokens_run
+    finally:
+        runner.pack = pack
+    assert runner._gather_ok  # the probe found the model's logits are its head over the decoder's states
+    # without gathering the head runs at every token read and at padding; LongLLMLingua's ranking
+    # scores only the question after each document (measured 0.49); LLMLingua's ranking scores
+    # every token, so only ITPC's window steps save there (0.96)
+    assert shares["longllmlingua"] < 0.6 and shares["llmlingua"] < 1.0
+
+
+def test_graph_passes_keep_padding_rows_and_row_widths_small(engine):
+    """With CUDA graphs a pass runs in a bucketed shape (rows rounded up to a power of two),
+    so the runner cuts packed rows into passes that are at most an eighth padding rows; and
+    a row is as wide as its sequences' length class, since attention costs a row's width
+    squared. Only shapes are computed here: nothing runs."""
+    runner = SurprisalRunner(engine.loaded.model, engine.loaded.lock, max_positions=8192)
+    runner.graphs = True
+    for n in range(1, 130):
+        passes = runner._passes(list(range(n)), 42)
+        assert [i for p in passes for i in p] == list(range(n))  # every row once, in order
+        assert all(len(p) <= 42 for p in passes)
+        padded = sum(runner._shape(len(p), 64)[0] for p in passes)
+        assert (padded - n) * 8 <= padded, (n, [len(p) for p in passes])
+    assert [runner._row_width(n) for n in (24, 150, 334, 600, 1600, 8192)] == [512, 512, 512, 768, 2048, 8192]
+
+
 def test_queue_batches_concurrent_requests_and_routes_results(engine, passages):
     queue = engine.loaded.scoring_queue()
     seqs = engine.scorer.encode_many(passages, special=True)
