@@ -21,10 +21,13 @@ error reaches the caller.
 **Packing.** Retrieved passages differ in length (the first 60 NQ dev passages: 24 to
 334 SmolLM2 tokens), so a right-padded batch of them is mostly padding (60 passages plus
 a question: 12.8k padded positions for 7.6k tokens; in the small model's bucketed graph
-shapes, 24.6k). On a GPU, sequences are instead packed first-fit into rows as wide as
-the longest one, each restarting its position ids: transformers then masks attention
-block by block (a token sees only its own sequence), so the arithmetic follows the real
-tokens; a graph's static inputs are then the ids and the position ids. A one-off probe
+shapes, 24.6k). On a GPU, sequences are instead packed, best fit by decreasing length,
+into rows as wide as their length class (:meth:`SurprisalRunner._row_width`), each
+restarting its position ids: transformers then masks attention block by block (a token
+sees only its own sequence), so the arithmetic follows the real tokens; a graph's static
+inputs are then the ids and the position ids. A call's passes are launched one after
+another and waited for at the end, so laying out the next pass (vectorised: a 64-caller
+round packs ~1300 sequences) overlaps the device's work on this one. A one-off probe
 checks that the model honours packed position ids (same surprisals packed as alone)
 before packing is used. On a CPU, where batches are already cut at 10% padding, packing
 measured no faster (20 passages: 4.5-4.8 s either way), so it stays off there.
@@ -42,12 +45,14 @@ everywhere.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import math
 import threading
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .compilation import compile_available, compile_regions, compiled, no_recompiling, uncompiled
@@ -378,30 +383,51 @@ class SurprisalRunner:
                 return total // part
         return 0
 
+    def _layout(self, rows: list[list[tuple[int, torch.Tensor, int]]], shape: tuple[int, int]):
+        """The host side of a packed pass, vectorised (a 64-caller round packs ~1300
+        sequences): token ids and position ids of ``shape``, where each sequence landed
+        (``(key, row, first logit column, end column)``) and the flat indices of the
+        positions whose surprisal is asked for, sequence after sequence."""
+        width = shape[1]
+        seqs = [seq for row in rows for _, seq, _ in row]
+        lens = np.array([seq.shape[0] for seq in seqs], dtype=np.int64)
+        firsts = np.array([start for row in rows for _, _, start in row], dtype=np.int64)
+        counts = np.array([len(row) for row in rows], dtype=np.int64)
+        row_of = np.repeat(np.arange(len(rows)), counts)
+        begin = np.cumsum(lens) - lens  # where each sequence starts in the concatenation
+        row_begin = begin[np.cumsum(counts) - counts]
+        col = begin - row_begin[row_of]
+        fill = np.bincount(row_of, weights=lens, minlength=shape[0]).astype(np.int64)
+        within = np.arange(int(lens.sum())) - np.repeat(begin, lens)  # each token's position id
+        dest = np.repeat(row_of * width + col, lens) + within
+        ids = np.full(shape[0] * width, self.pad_id, dtype=np.int64)
+        ids[dest] = torch.cat(seqs).numpy()
+        pos = (np.arange(width)[None, :] - fill[:, None]).reshape(-1)  # padding: a sequence of its own
+        pos[dest] = within
+        scored = (within >= np.repeat(firsts, lens) - 1) & (within < np.repeat(lens, lens) - 1)
+        flat = dest[scored]
+        placed = [(key, int(r), int(c) + start - 1, int(c) + len(seq) - 1)
+                  for (key, seq, start), r, c in zip((x for row in rows for x in row), row_of, col)]
+        return (torch.from_numpy(ids).view(shape), torch.from_numpy(pos).view(shape), placed,
+                torch.from_numpy(flat))
+
     def _run_packed(self, rows: list[list[tuple[int, torch.Tensor, int]]], eager: bool = False) -> dict[int, torch.Tensor]:
-        """One pass over ``rows``, each a list of ``(key, ids, start)`` laid end to end;
-        returns each key's surprisals of tokens ``start .. len-1``. Replays a captured graph
-        of the bucketed shape when graphs are on. The LM head runs only at the positions
-        some sequence scores (see the module doc), or where the model does not allow that,
-        everywhere in a graph and eagerly on the columns some row scores."""
+        """One pass over ``rows`` (see :meth:`_launch_packed`), waited for."""
+        return self._collect_packed(self._launch_packed(rows, eager))
+
+    def _launch_packed(self, rows: list[list[tuple[int, torch.Tensor, int]]], eager: bool = False):
+        """Start one pass over ``rows``, each a list of ``(key, ids, start)`` laid end to
+        end, for the surprisals of tokens ``start .. len-1`` of each. On a GPU the pass runs
+        while the caller lays out the next (:meth:`_collect_packed` waits for it). Replays a
+        captured graph of the bucketed shape when graphs are on. The LM head runs only at
+        the positions some sequence scores (see the module doc), or where the model does
+        not allow that, everywhere in a graph and eagerly on the columns some row scores."""
         graphs = self.graphs and not eager
-        shape = (len(rows), max(sum(len(ids) for _, ids, _ in row) for row in rows))
+        shape = (len(rows), max(sum(ids.shape[0] for _, ids, _ in row) for row in rows))
         if graphs:
             shape = self._shape(*shape)
         width = shape[1]
-        ids = torch.full(shape, self.pad_id, dtype=torch.long)
-        pos = torch.arange(width).repeat(shape[0], 1)  # padding: a sequence of its own
-        placed = []  # (key, row, first logit column, end column)
-        for r, row in enumerate(rows):
-            col = 0
-            for key, seq, start in row:
-                n = len(seq)
-                ids[r, col : col + n] = seq
-                pos[r, col : col + n] = torch.arange(n)
-                placed.append((key, r, col + start - 1, col + n - 1))
-                col += n
-            pos[r, col:] = torch.arange(width - col)
-        flat = torch.cat([torch.arange(r * width + a, r * width + b) for _, r, a, b in placed])
+        ids, pos, placed, flat = self._layout(rows, shape)
         gather = not eager and self._gathering()
         with self.lock:
             head = self._head_size(len(flat), shape) if gather and graphs else 0
@@ -413,11 +439,10 @@ class SurprisalRunner:
                 if index is not None:
                     index.copy_(torch.cat([flat, torch.zeros(head - len(flat), dtype=torch.long)]), non_blocking=True)
                 graph.replay()
-                loss = out.to("cpu", copy=True)
+                loss = out.clone()  # the next replay of this graph overwrites `out`
                 self.head_positions += head or shape[0] * (width - 1)
             elif gather and self._gather_ok:  # a capture may have just failed and turned it off
-                loss = self._loss(ids.to(self.device), positions=pos.to(self.device),
-                                  flat=flat.to(self.device)).to("cpu")
+                loss = self._loss(ids.to(self.device), positions=pos.to(self.device), flat=flat.to(self.device))
                 self.head_positions += len(flat)
             else:
                 needed = torch.zeros(width - 1, dtype=torch.bool)  # logit columns some sequence scores from
@@ -431,14 +456,21 @@ class SurprisalRunner:
                     loss[:, cols] = scored if scored.shape[1] == len(cols) else scored[:, cols]
                     self.head_positions += shape[0] * scored.shape[1]
                 else:
-                    loss = self._loss(ids.to(self.device), positions=pos.to(self.device)).to("cpu")
+                    loss = self._loss(ids.to(self.device), positions=pos.to(self.device))
                     self.head_positions += shape[0] * (width - 1)
             self.forward_passes += 1
             self.positions_run += shape[0] * width
-            self.tokens_run += sum(len(seq) for row in rows for _, seq, _ in row)
+            self.tokens_run += sum(seq.shape[0] for row in rows for _, seq, _ in row)
+        return loss, placed, len(flat)
+
+    @staticmethod
+    def _collect_packed(launched) -> dict[int, torch.Tensor]:
+        """Each key's surprisals from a :meth:`_launch_packed` pass (waits for the device)."""
+        loss, placed, scored = launched
+        loss = loss.to("cpu")
         if loss.dim() == 1:  # gathered: the spans one after another
             sizes = [b - a for _, _, a, b in placed]
-            return {key: part for (key, _, _, _), part in zip(placed, loss[: len(flat)].split(sizes))}
+            return {key: part for (key, _, _, _), part in zip(placed, loss[:scored].split(sizes))}
         return {key: loss[r, a:b] for key, r, a, b in placed}
 
     def _row_width(self, n: int) -> int:
@@ -452,31 +484,34 @@ class SurprisalRunner:
 
     def _surprisal_packed(self, tensors: list[torch.Tensor], firsts: list[int], order: list[int],
                           max_rows: int) -> dict[int, torch.Tensor]:
-        """Score ``order`` (indices into ``tensors``) in packed rows: first-fit by
+        """Score ``order`` (indices into ``tensors``) in packed rows: best fit by
         decreasing length into rows of each sequence's width class (:meth:`_row_width`),
         rows into passes under the token budget. A pass that runs out of memory falls
         back to padded batches."""
         classes: dict[int, list[int]] = {}  # row width -> its sequences, longest first
-        for i in sorted(order, key=lambda i: -len(tensors[i])):
-            classes.setdefault(self._row_width(len(tensors[i])), []).append(i)
+        lengths = [tensors[i].shape[0] for i in range(len(tensors))]
+        for i in sorted(order, key=lambda i: -lengths[i]):
+            classes.setdefault(self._row_width(lengths[i]), []).append(i)
         passes = []
         for width, members in classes.items():
             rows: list[list[int]] = []
-            room: list[int] = []
+            rooms: list[tuple[int, int]] = []  # (room left, row), sorted: best fit by bisection
             for i in members:
-                n = len(tensors[i])
-                r = next((k for k, left in enumerate(room) if left >= n), None)
-                if r is None:
+                n = lengths[i]
+                k = bisect.bisect_left(rooms, (n, -1))
+                if k == len(rooms):
                     rows.append([i])
-                    room.append(width - n)
+                    bisect.insort(rooms, (width - n, len(rows) - 1))
                 else:
+                    left, r = rooms.pop(k)
                     rows[r].append(i)
-                    room[r] -= n
+                    bisect.insort(rooms, (left - n, r))
             passes += self._passes(rows, max(1, min(max_rows, self.max_tokens // width)))
         out: dict[int, torch.Tensor] = {}
+        launched = []  # passes run on the device while the next is laid out; collected at the end
         for group in passes:
             try:
-                out.update(self._run_packed([[(i, tensors[i], firsts[i]) for i in row] for row in group]))
+                launched.append(self._launch_packed([[(i, tensors[i], firsts[i]) for i in row] for row in group]))
             except Exception as exc:  # noqa: BLE001
                 if not _is_oom(exc):
                     raise
@@ -484,6 +519,8 @@ class SurprisalRunner:
                 torch.cuda.empty_cache()
                 flat = [i for row in group for i in row]
                 out.update(zip(flat, self._run_split([tensors[i] for i in flat], [firsts[i] for i in flat])))
+        for item in launched:
+            out.update(self._collect_packed(item))
         return out
 
     def _passes(self, rows: list[list[int]], per_pass: int) -> list[list[list[int]]]:
@@ -547,9 +584,10 @@ class SurprisalRunner:
         """
         max_rows = max_rows or self.max_rows
         tensors = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in seqs]
-        firsts = [min(max(1, int(st)), len(t)) for st, t in zip(starts or [1] * len(tensors), tensors)]
+        lengths = [t.shape[0] for t in tensors]
+        firsts = [min(max(1, int(st)), n) for st, n in zip(starts or [1] * len(tensors), lengths)]
         results: list[torch.Tensor] = [torch.zeros(0)] * len(tensors)
-        order = sorted((i for i, t in enumerate(tensors) if len(t) - firsts[i] >= 1), key=lambda i: len(tensors[i]))
+        order = sorted((i for i, n in enumerate(lengths) if n - firsts[i] >= 1), key=lambda i: lengths[i])
         if len(order) > 1 and self._packing():
             for i, loss in self._surprisal_packed(tensors, firsts, order, max_rows).items():
                 results[i] = loss
