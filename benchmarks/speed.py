@@ -218,9 +218,11 @@ def checkpoint(args, rows: list[dict]) -> None:
     (Path(args.out) / f"speed-{args.device}.partial.json").write_text(json.dumps(rows, indent=1))
 
 
-def concurrency(engine: CompressionEngine, docs, questions, calls: int, workers: int = 8) -> dict:
+def concurrency(engine: CompressionEngine, docs, questions, calls: int, workers: tuple[int, ...] = (8, 16)) -> dict:
     """``calls`` compressions of 20 NQ documents each: one at a time, then all at once from
-    ``calls`` threads, first in this process, then with ``workers`` host worker processes."""
+    ``calls`` threads, first in this process, then with each number of host worker
+    processes in ``workers`` (more workers keep more calls in flight, so the device waits
+    less between rounds, up to the host's cores)."""
     starts = [(20 * k) % (len(docs) - 20) for k in range(calls)]
     jobs = [(docs[s : s + 20], questions[s]) for s in starts]
 
@@ -267,14 +269,16 @@ def concurrency(engine: CompressionEngine, docs, questions, calls: int, workers:
 
     result = {"calls": calls, "sequential_s": sequential_s, "alone_p50_s": sorted(x[0] for x in alone)[calls // 2],
               **together()}
-    t = time.perf_counter()
-    engine.start_workers(workers)
-    started = time.perf_counter() - t
-    try:
-        result["host_workers"] = {"processes": workers, "start_s": started, **together(),
-                                  "worker_startup": engine.host_workers.startup}
-    finally:
-        engine.stop_workers()
+    for n in workers:
+        t = time.perf_counter()
+        engine.start_workers(n)
+        started = time.perf_counter() - t
+        try:
+            key = "host_workers" if n == workers[0] else f"host_workers_{n}"
+            result[key] = {"processes": n, "start_s": started, **together(),
+                           "worker_startup": engine.host_workers.startup}
+        finally:
+            engine.stop_workers()
     return result
 
 
