@@ -173,18 +173,18 @@ def test_gpu_path_computes_the_head_only_where_scores_are_asked_for(engine, nq_r
     try:
         shares = {}
         for method in ("longllmlingua", "llmlingua"):
-            runner.tokens_run = runner.head_positions = 0
             a = engine.compress(docs, question=q, method=method, rate=0.33)
+            runner.tokens_run = runner.head_positions = 0  # count the GPU-style call alone
             b = gpu_like.compress(docs, question=q, method=method, rate=0.33)
             assert a.compressed_prompt == b.compressed_prompt, method
             shares[method] = runner.head_positions / runner.tokens_run
     finally:
         runner.pack = pack
     assert runner._gather_ok  # the probe found the model's logits are its head over the decoder's states
-    # without gathering the head runs at every token read and at padding; LongLLMLingua's ranking
-    # scores only the question after each document (measured 0.49); LLMLingua's ranking scores
-    # every token, so only ITPC's window steps save there (0.96)
-    assert shares["longllmlingua"] < 0.6 and shares["llmlingua"] < 1.0
+    # without gathering the head runs at every token read and at padding (a share of ~1.0 or
+    # more); LongLLMLingua's ranking scores only the question after each document (measured
+    # 0.57); LLMLingua's ranking scores every token, so only ITPC's window steps save (0.93)
+    assert shares["longllmlingua"] < 0.8 and shares["llmlingua"] < 1.0
 
 
 def test_graph_passes_keep_padding_rows_and_row_widths_small(engine):
