@@ -112,6 +112,11 @@ class _Stream:
             if self.cache is None:
                 self.cached = 0
         # a static cache needs no cropping: the next window is written from position `cached`
+        self.settle(keep)
+
+    def settle(self, keep: int) -> None:
+        """Positions before ``keep`` are final: the next step's scores start there (with
+        or without a KV cache)."""
         self.cached = max(0, min(self.cached, keep - self.offset))
 
     def keep(self, mask: torch.Tensor) -> None:
@@ -156,8 +161,8 @@ def _score_upto(streams: list[tuple[_Stream, int, int]]) -> None:
     _score_from_scratch(scorer, todo)
     for st, ids in todo:
         st.cached = len(ids)
-    for st, _, keep in streams:  # as :meth:`_Stream.refresh` crops its cache
-        st.cached = max(0, min(st.cached, keep - st.offset))
+    for st, _, keep in streams:
+        st.settle(keep)
 
 
 @dataclass

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -63,6 +64,14 @@ MIN_WINDOW = 128  # the shortest window a sequence is cut into under memory pres
 PACK_WIDTH = 512  # the narrowest packed row (see SurprisalRunner._row_width)
 # bucket edges for sequence lengths: powers of two and the midpoints between them
 _LENGTHS = sorted({int(b * m) for b in (2 ** k for k in range(5, 18)) for m in (1.0, 1.5)})
+
+
+@functools.lru_cache(maxsize=None)
+def _length_edges(max_positions: int | None) -> tuple[int, ...]:
+    """:data:`_LENGTHS` up to a model's window, and the window itself (asked for per
+    sequence when packing, so computed once per window size)."""
+    edges = [e for e in _LENGTHS if not max_positions or e <= max_positions]
+    return tuple(edges + ([max_positions] if max_positions else []))
 
 
 def _bucket(n: int, edges: Sequence[int]) -> int:
@@ -289,10 +298,9 @@ class SurprisalRunner:
             return rows, width
         return 1 << (rows - 1).bit_length(), _bucket(width, self._edges())
 
-    def _edges(self) -> list[int]:
+    def _edges(self) -> tuple[int, ...]:
         """Bucket edges of sequence lengths (up to the model's window)."""
-        edges = [e for e in _LENGTHS if not self.max_positions or e <= self.max_positions]
-        return edges + ([self.max_positions] if self.max_positions else [])
+        return _length_edges(self.max_positions)
 
     def _run_batch(self, seqs: Sequence[torch.Tensor], starts: Sequence[int]) -> list[torch.Tensor]:
         rows, width = self._shape(len(seqs), max(len(s) for s in seqs))
@@ -325,6 +333,13 @@ class SurprisalRunner:
             self._pack_ok = self._probe_packing()
         return self._pack_ok
 
+    def _agrees(self, got: torch.Tensor, want: torch.Tensor) -> bool:
+        """Whether a probe's two ways of computing the same surprisals agree, to the
+        rounding of the model's dtype."""
+        half = next(self.model.parameters()).dtype in (torch.float16, torch.bfloat16)
+        tol = 2e-2 if half else 1e-3
+        return torch.allclose(got, want, atol=tol, rtol=tol)
+
     def _probe_packing(self) -> bool:
         """Do two sequences packed in one row get the surprisals they get alone? (A model
         that ignores position-id resets would let the second attend to the first.)"""
@@ -337,9 +352,7 @@ class SurprisalRunner:
         except Exception as exc:  # noqa: BLE001 - any failure: no packing
             logger.info("packed sequences not usable with this model (%s); padding batches instead", exc)
             return False
-        half = next(self.model.parameters()).dtype in (torch.float16, torch.bfloat16)
-        tol = 2e-2 if half else 1e-3
-        ok = all(torch.allclose(x, y, atol=tol, rtol=tol) for x, y in zip(alone, (packed[0], packed[1])))
+        ok = all(self._agrees(x, y) for x, y in zip(alone, (packed[0], packed[1])))
         if not ok:
             logger.info("this model does not honour packed position ids; padding batches instead")
         return ok
@@ -365,9 +378,7 @@ class SurprisalRunner:
         except Exception as exc:  # noqa: BLE001 - any failure: the head runs everywhere
             logger.info("gathered LM head not usable with this model (%s); computing it at every position", exc)
             return False
-        half = next(self.model.parameters()).dtype in (torch.float16, torch.bfloat16)
-        tol = 2e-2 if half else 1e-3
-        ok = got.shape == want.shape and torch.allclose(got, want, atol=tol, rtol=tol)
+        ok = got.shape == want.shape and self._agrees(got, want)
         if not ok:
             logger.info("this model's logits are not its output embeddings of the decoder's states; "
                         "computing the LM head at every position")
@@ -482,14 +493,13 @@ class SurprisalRunner:
         edges = self._edges()
         return min(_bucket(max(n, PACK_WIDTH), edges), max(n, edges[-1]))
 
-    def _surprisal_packed(self, tensors: list[torch.Tensor], firsts: list[int], order: list[int],
+    def _surprisal_packed(self, tensors: list[torch.Tensor], lengths: list[int], firsts: list[int], order: list[int],
                           max_rows: int) -> dict[int, torch.Tensor]:
         """Score ``order`` (indices into ``tensors``) in packed rows: best fit by
         decreasing length into rows of each sequence's width class (:meth:`_row_width`),
         rows into passes under the token budget. A pass that runs out of memory falls
         back to padded batches."""
         classes: dict[int, list[int]] = {}  # row width -> its sequences, longest first
-        lengths = [tensors[i].shape[0] for i in range(len(tensors))]
         for i in sorted(order, key=lambda i: -lengths[i]):
             classes.setdefault(self._row_width(lengths[i]), []).append(i)
         passes = []
@@ -589,7 +599,7 @@ class SurprisalRunner:
         results: list[torch.Tensor] = [torch.zeros(0)] * len(tensors)
         order = sorted((i for i, n in enumerate(lengths) if n - firsts[i] >= 1), key=lambda i: lengths[i])
         if len(order) > 1 and self._packing():
-            for i, loss in self._surprisal_packed(tensors, firsts, order, max_rows).items():
+            for i, loss in self._surprisal_packed(tensors, lengths, firsts, order, max_rows).items():
                 results[i] = loss
             return results
         batch: list[int] = []
