@@ -15,7 +15,10 @@ device time was still those small kernels. Its ITPC windows extend a KV cache, a
 whole layer compiled with a cache object specialises on the layer's index (32
 compilations), so for such models only the parts of a layer that never see the cache
 are compiled (its norms and MLP, :func:`cache_free_regions`): one compilation serves
-every layer, cached passes and captured window graphs included.
+every layer, cached passes and captured window graphs included. The attention's rotary
+embedding (~10 elementwise kernels over the queries and keys per layer) is fused too, by
+compiling the modeling module's ``apply_rotary_pos_emb`` function (:func:`fuse_rotary`):
+a function of tensors alone, it compiles once whatever the cache.
 
 ``TORCH_COMPILE_DISABLE=1`` turns compilation off, as it turns off ``torch.compile``
 everywhere.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
 from typing import Callable
 
 import torch
@@ -77,12 +81,57 @@ def cache_free_regions(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found + ([norm] if found and norm is not None else [])
 
 
+_ROTARY = "apply_rotary_pos_emb"  # the rotary function's name in transformers' Llama-family modeling modules
+
+
+def fuse_rotary(model: torch.nn.Module) -> Callable[[], None]:
+    """Route the rotary embedding of ``model``'s modeling module through a compiled copy.
+
+    transformers' attention calls its module's ``apply_rotary_pos_emb`` by name, so the
+    function is replaced *in that module* (every model of the same architecture in this
+    process, ours or not, gets the fused kernels for CUDA tensors; the arithmetic is
+    unchanged, each value rounded once instead of after every step). The replacement
+    calls the original for CPU tensors, while dynamo traces it (a compiled whole layer
+    compiles it itself) and, for good, after the compiled copy fails once. Returns a
+    function that puts the original back (nothing when the module has no such function).
+    """
+    module = sys.modules.get(type(model).__module__)
+    original = getattr(module, _ROTARY, None)
+    if original is None or not callable(original):
+        return lambda: None
+    if getattr(original, "_lingua_fused", False):
+        return lambda: None  # already routed (another model of this architecture)
+    fused = torch.compile(original, dynamic=True)
+    state = {"on": True}
+
+    @functools.wraps(original)
+    def apply_rotary(q, k, *args, **kwargs):
+        if state["on"] and isinstance(q, torch.Tensor) and q.is_cuda and not torch.compiler.is_compiling():
+            try:
+                return fused(q, k, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - no compiler, an unsupported input: the original's kernels
+                state["on"] = False
+                logger.warning("compiled rotary embedding failed (%s); using %s's own", exc, module.__name__)
+        return original(q, k, *args, **kwargs)
+
+    apply_rotary._lingua_fused = True
+    setattr(module, _ROTARY, apply_rotary)
+    logger.info("rotary embedding of %s compiled (one-off)", module.__name__)
+
+    def undo() -> None:
+        if getattr(module, _ROTARY, None) is apply_rotary:
+            setattr(module, _ROTARY, original)
+
+    return undo
+
+
 def compile_regions(model: torch.nn.Module, which: str = "layers") -> Callable[[], None]:
     """Compile ``model``'s :func:`regions` (``which="layers"``) or its
     :func:`cache_free_regions` (``"cache-free"``) in place, for any batch shape. Returns a
     function that puts back the ones compiled here (after a compilation error; nothing
     when the model has no such regions). Compilation itself happens on the next forward
-    pass."""
+    pass. ``"cache-free"`` also fuses the rotary embedding (:func:`fuse_rotary`), which a
+    whole compiled layer fuses anyway."""
     if which not in ("layers", "cache-free"):
         raise ValueError(f"which must be 'layers' or 'cache-free', not {which!r}")
     chosen = regions(model) if which == "layers" else cache_free_regions(model)
@@ -94,10 +143,12 @@ def compile_regions(model: torch.nn.Module, which: str = "layers") -> Callable[[
     logger.info("compiling %d %s decoder regions of %s (one-off)", len(found), which, type(model).__name__)
     for module in found:
         module.compile(dynamic=True)
+    unfuse = fuse_rotary(model) if which == "cache-free" else (lambda: None)
 
     def undo() -> None:
         for module in found:
             module._compiled_call_impl = None  # what Module.compile set; None is the eager call
+        unfuse()
 
     return undo
 

@@ -16,7 +16,12 @@ How a step maps onto the static cache:
 * the window is right-padded to its bucket length; padding sits after every real token,
   so causal attention hides it from them, and the next step overwrites it;
 * position ids are passed explicitly (a static buffer), so rotary positions are right
-  whatever the transformers version derives from the cache.
+  whatever the transformers version derives from the cache;
+* attention reads only the cache's first ``span`` slots (a multiple of ``SPAN_STEP``
+  holding the cached prefix and the window), not all of it: a static cache is sized for
+  the whole uncompressed sequence, while the compressed prefix a window attends to is a
+  fraction of that, and masked slots still cost attention arithmetic. The span is part
+  of a graph's key, like the window's bucket.
 
 Anything this path cannot do (a cache API without ``cumulative_length``, a failed
 capture, out of memory) raises :class:`StaticUnavailable`; the caller then falls back to
@@ -32,6 +37,7 @@ from typing import Any
 import torch
 
 from .compilation import uncompiled
+from .models import cache_keyword
 from .runner import capture_graph, token_surprisal
 
 logger = logging.getLogger(__name__)
@@ -41,6 +47,7 @@ logger = logging.getLogger(__name__)
 _BUCKETS = sorted({128 * k for k in range(1, 17)} | {int(b * m) for b in (2 ** k for k in range(11, 16))
                                                     for m in (1.0, 1.5)})
 MAX_CACHE = 16384  # longest static cache (tokens); longer sequences use the dynamic path
+SPAN_STEP = 1024  # attention spans of a static cache: multiples of this (few graphs, little waste)
 
 
 class StaticUnavailable(RuntimeError):
@@ -54,6 +61,28 @@ class StaticUnavailable(RuntimeError):
 
 def _bucket(n: int) -> int:
     return next((b for b in _BUCKETS if b >= n), n)
+
+
+def _limit_span(layer) -> bool:
+    """Make a static cache layer show attention only its first ``layer.span`` slots: the
+    keys and values it returns and the mask size it reports. Only a plain full-attention
+    ``StaticLayer`` (a sliding-window layer reports its own sizes); False for others."""
+    from transformers.cache_utils import StaticLayer
+
+    if type(layer) is not StaticLayer:
+        return False
+    update, sizes = layer.update, layer.get_mask_sizes
+
+    def update_within_span(*args, **kwargs):
+        keys, values = update(*args, **kwargs)
+        return keys[:, :, : layer.span], values[:, :, : layer.span]
+
+    def sizes_within_span(*args, **kwargs):
+        length, offset = sizes(*args, **kwargs)
+        return min(length, layer.span), offset
+
+    layer.update, layer.get_mask_sizes, layer.span = update_within_span, sizes_within_span, layer.max_cache_len
+    return True
 
 
 class StaticWindows:
@@ -78,31 +107,47 @@ class StaticWindows:
             self.cache = StaticCache(config=model.config, max_cache_len=length)
         except Exception as exc:  # noqa: BLE001 - an unknown cache API: use the dynamic path
             raise StaticUnavailable(f"StaticCache not usable here: {exc}") from exc
-        self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # every layer or none: the layers' attention spans must agree with the one mask
+        spans = [_limit_span(layer) for layer in self.cache.layers]
+        self._spanned = all(spans)
+        if any(spans) and not self._spanned:
+            for layer in self.cache.layers:  # back to the class's own methods
+                layer.__dict__.pop("update", None)
+                layer.__dict__.pop("get_mask_sizes", None)
+        self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.spans_used: set[int] = set()  # diagnostics: the attention spans replayed
 
-    def _set_position(self, cached: int) -> None:
+    def _span(self, end: int) -> int:
+        """Slots attention reads for a pass ending at ``end`` (the whole cache when the
+        layers cannot be limited)."""
+        if not self._spanned:
+            return self.length
+        return min(self.length, -(-end // SPAN_STEP) * SPAN_STEP)
+
+    def _set_position(self, cached: int, span: int) -> None:
         for layer in self.cache.layers:
             pos = getattr(layer, "cumulative_length", None)
             if not isinstance(pos, torch.Tensor):
                 raise StaticUnavailable("this transformers version's StaticCache has no cumulative_length")
             pos.fill_(cached)
+            layer.span = span
 
     def _loss(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         with uncompiled(self.model):  # whole compiled layers would specialise per layer on the cache
-            logits = self.model(input_ids=ids, position_ids=positions.unsqueeze(0), past_key_values=self.cache,
-                                use_cache=True).logits[0, :-1]
+            logits = self.model(input_ids=ids, position_ids=positions.unsqueeze(0), use_cache=True,
+                                **{cache_keyword(self.model): self.cache}).logits[0, :-1]
         return token_surprisal(logits, ids[0, 1:])
 
-    def _graph(self, width: int, cached: int):
-        hit = self._captured.get(width)
+    def _graph(self, width: int, span: int, cached: int):
+        hit = self._captured.get((width, span))
         if hit is not None:
             return hit
         ids = torch.full((1, width), self.pad_id, dtype=torch.long, device=self.device)
         positions = torch.arange(cached, cached + width, device=self.device)
         graph, out = capture_graph(lambda: self._loss(ids, positions), self.device, self.pool,
-                                   prepare=lambda: self._set_position(cached))
-        self._captured[width] = (graph, ids, positions, out)
-        return self._captured[width]
+                                   prepare=lambda: self._set_position(cached, span))
+        self._captured[(width, span)] = (graph, ids, positions, out)
+        return self._captured[(width, span)]
 
     @torch.inference_mode()
     def surprisal(self, new_ids: torch.Tensor, cached: int) -> torch.Tensor:
@@ -113,19 +158,21 @@ class StaticWindows:
         if cached + width > self.length:
             raise StaticUnavailable(f"{cached + width} positions exceed the static cache's {self.length}",
                                     permanent=False)
+        span = self._span(cached + width)
+        self.spans_used.add(span)
         try:
             with self.lock:
                 if self.graphs:
-                    graph, ids, positions, out = self._graph(width, cached)
+                    graph, ids, positions, out = self._graph(width, span, cached)
                     ids[0, :n].copy_(new_ids, non_blocking=True)
                     ids[0, n:].fill_(self.pad_id)
                     torch.arange(cached, cached + width, out=positions)
-                    self._set_position(cached)
+                    self._set_position(cached, span)
                     graph.replay()
                     return out[: n - 1].to("cpu", torch.float32)
                 ids = torch.full((1, width), self.pad_id, dtype=torch.long)
                 ids[0, :n] = new_ids
-                self._set_position(cached)
+                self._set_position(cached, span)
                 positions = torch.arange(cached, cached + width, device=self.device)
                 return self._loss(ids.to(self.device), positions)[: n - 1].to("cpu", torch.float32)
         except StaticUnavailable:
@@ -156,9 +203,8 @@ class StaticPool:
     def acquire(self, tokens: int) -> StaticWindows | None:
         """A static cache for a sequence of ``tokens`` tokens, or None (use the dynamic path).
 
-        Its length is the power of two holding the sequence plus one long window: attention
-        in a static cache spans its whole length (masked), so a cache far longer than the
-        sequence costs arithmetic on every step."""
+        Its length is the power of two holding the sequence plus one long window (few
+        distinct lengths to pool; attention reads only the span a window needs)."""
         length = 1 << (tokens + 1024 - 1).bit_length()
         if not self.enabled or length > self.limit:
             return None

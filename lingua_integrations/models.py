@@ -18,7 +18,9 @@ so every compressor object, adapter and thread shares it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -403,6 +405,28 @@ def load_half_or_bfloat16(loader, model: str, device: str, **options: Any) -> Lo
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return loader(model, device, torch.bfloat16, **options)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class: type) -> str:
+    try:
+        params = inspect.signature(model_class.forward).parameters
+    except (TypeError, ValueError):  # a forward without a readable signature
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword under which ``model``'s forward takes a KV cache. transformers renamed
+    ``past_key_values`` to ``cache`` (the old name is deprecated and goes in 5.40); earlier
+    5.x releases (the GPU image has 5.17) and remote-code models know only the old one."""
+    return _cache_keyword(type(model))
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a forward pass returned, under either of its names (see :func:`cache_keyword`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 _DEFAULT_OPTIONS = {"trust_remote_code": False, "allow_pickle": False}

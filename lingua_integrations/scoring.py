@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .compilation import uncompiled
 from .kv_graphs import StaticPool
-from .models import LoadedModel
+from .models import LoadedModel, cache_keyword, returned_cache
 
 
 class CausalScorer:
@@ -96,11 +96,11 @@ class CausalScorer:
         """
         chunk = ids[cached:].unsqueeze(0).to(self.device)
         with self.loaded.lock, uncompiled(self.model):
-            out = self.model(input_ids=chunk, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=chunk, use_cache=True, **{cache_keyword(self.model): cache})
         logits = out.logits[0, :-1].float()
         labels = chunk[0, 1:]
         loss = F.cross_entropy(logits, labels, reduction="none")
-        return loss, out.past_key_values
+        return loss, returned_cache(out)
 
     def sequences_surprisal(self, seqs: Sequence[torch.Tensor], starts: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Surprisal of tokens ``start .. len-1`` of sequences of any length (``starts``

@@ -3,7 +3,8 @@ replays a captured CUDA graph) against the dynamic cache: the same tokens surviv
 
 On the CPU the static path runs eagerly (no graphs), which checks what the graphs
 replay: write positions reset per window instead of cropping, right-padded windows,
-explicit rotary positions, caches reused across calls."""
+explicit rotary positions, attention limited to the slots a window needs, caches
+reused across calls."""
 
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ def test_static_cache_keeps_the_same_tokens_as_the_dynamic_cache(compressor, nq_
     # no fallback; its caches wait for the next call
     assert len(steps) >= 6 and max(steps) > 0
     assert static.enabled and sum(len(v) for v in static._free.values()) >= 2
+    # attention read only part of a cache (the same tokens survived): a span below a
+    # cache's length, and the full length when a window reached into its last slots
+    caches = [w for free in static._free.values() for w in free]
+    assert any(min(w.spans_used) < w.length for w in caches)
 
 
 def test_a_failing_static_path_falls_back_to_the_dynamic_cache(compressor, nq_cases, monkeypatch):

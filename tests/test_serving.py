@@ -35,6 +35,26 @@ def test_padded_batch_scores_each_sequence_as_if_alone(engine, passages):
         assert torch.allclose(got, alone.cpu(), atol=1e-3), float((got - alone.cpu()).abs().max())
 
 
+def test_kv_cache_continues_under_the_keyword_this_transformers_takes(engine, passages):
+    """The KV path passes its cache as ``cache`` where transformers has renamed
+    ``past_key_values`` (the old keyword is deprecated, then removed), and continuing
+    from a cache scores as one pass over everything does."""
+    import warnings
+
+    scorer = engine.scorer
+    ids = torch.tensor(scorer.encode_many(passages[:1], special=True)[0])
+    half = len(ids) // 2
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        whole, _ = scorer.surprisal(ids)
+        first, cache = scorer.surprisal(ids[:half])
+        rest, _ = scorer.surprisal(ids, cache, half)
+    assert cache is not None and len(rest) == len(ids) - half - 1
+    # whole[i] is token i+1's surprisal; the continuation starts at token half+1
+    assert torch.allclose(first.cpu(), whole[: half - 1].cpu(), atol=1e-3)
+    assert torch.allclose(rest.cpu(), whole[half:].cpu(), atol=1e-3)
+
+
 def test_span_scoring_skips_the_head_before_the_span_and_matches(engine, passages):
     """Ranking needs only the question's surprisal after each document: ``starts`` gives
     just that span, the same numbers as scoring everything, with the LM head skipped
@@ -146,6 +166,37 @@ def test_cache_free_regions_compile_once_for_batches_and_kv_cache_passes(engine,
     tail, _ = scorer.surprisal(ids, cache, cached=40)  # tokens 41.. given the cached 0..39
     alone, _ = engine.scorer.surprisal(ids)  # the shared engine's uncompiled model, in one pass
     assert torch.allclose(head, alone[:39], atol=1e-3) and torch.allclose(tail, alone[40:], atol=1e-3)
+
+
+def test_rotary_embedding_is_routed_through_a_compiled_copy_and_back(engine, passages, monkeypatch):
+    """Cache-free compilation also fuses the attention's rotary embedding by replacing the
+    modeling module's function: once per architecture, the original's numbers for CPU
+    tensors, and the original back when compilation is undone."""
+    import copy
+    import sys
+
+    from lingua_integrations.compilation import compile_regions, fuse_rotary
+
+    model = engine.loaded.model
+    modeling = sys.modules[type(model).__module__]
+    original = getattr(modeling.apply_rotary_pos_emb, "__wrapped__", modeling.apply_rotary_pos_emb)
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", original)  # as if nothing had routed it yet
+    ids = torch.tensor([engine.scorer.encode_many(passages[:1], special=True)[0]])
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        undo = fuse_rotary(model)
+        routed = modeling.apply_rotary_pos_emb
+        assert routed is not original and routed.__wrapped__ is original
+        fuse_rotary(model)()  # a second model of this architecture: no second copy, nothing to undo
+        assert modeling.apply_rotary_pos_emb is routed
+        assert torch.equal(model(input_ids=ids).logits, before)  # CPU tensors: the original's kernels
+        undo()
+    assert modeling.apply_rotary_pos_emb is original
+    other = copy.deepcopy(model)
+    undo = compile_regions(other, "cache-free")  # what a big model's runner does on a GPU
+    assert modeling.apply_rotary_pos_emb.__wrapped__ is original
+    undo()
+    assert modeling.apply_rotary_pos_emb is original
 
 
 def test_itpc_without_kv_cache_keeps_the_same_tokens(engine, nq_rows):
