@@ -30,7 +30,7 @@ def index(nq_rows):
     return VectorStoreIndex(nodes, embed_model=minilm_embedding())
 
 
-def test_postprocessor_keeps_node_identity(index, nq_rows):
+def test_postprocessor_keeps_node_identity(index, nq_rows, engine):
     question = nq_rows[5]["question"]
     retrieved = index.as_retriever(similarity_top_k=8).retrieve(question)
     before = {n.node.node_id: (n.node.get_content(), dict(n.node.metadata)) for n in retrieved}
@@ -50,6 +50,7 @@ def test_postprocessor_keeps_node_identity(index, nq_rows):
     assert any(len(n.node.get_content()) < len(before[n.node.node_id][0]) for n in out)
     # the retrieved (docstore) nodes were not mutated
     assert all(n.node.get_content() == before[n.node.node_id][0] for n in retrieved)
+    assert post.engine() is engine  # the one shared engine (and its host workers, if started)
     total = sum(post.engine().count(t) for t, _ in before.values())
     assert sum(post.engine().count(n.node.get_content()) for n in out) <= 0.33 * 1.15 * total + 30
 
