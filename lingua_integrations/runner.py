@@ -493,13 +493,12 @@ class SurprisalRunner:
         edges = self._edges()
         return min(_bucket(max(n, PACK_WIDTH), edges), max(n, edges[-1]))
 
-    def _launch_surprisal_packed(self, tensors: list[torch.Tensor], lengths: list[int], firsts: list[int],
-                                 order: list[int], max_rows: int) -> tuple[dict[int, torch.Tensor], list]:
-        """Start scoring ``order`` (indices into ``tensors``) in packed rows: best fit by
+    def _surprisal_packed(self, tensors: list[torch.Tensor], lengths: list[int], firsts: list[int], order: list[int],
+                          max_rows: int) -> dict[int, torch.Tensor]:
+        """Score ``order`` (indices into ``tensors``) in packed rows: best fit by
         decreasing length into rows of each sequence's width class (:meth:`_row_width`),
-        rows into passes under the token budget. Returns the surprisals already known (a
-        pass that ran out of memory fell back to padded batches, run here) and the
-        launched passes, for :meth:`_collect_packed`."""
+        rows into passes under the token budget. A pass that runs out of memory falls
+        back to padded batches."""
         classes: dict[int, list[int]] = {}  # row width -> its sequences, longest first
         for i in sorted(order, key=lambda i: -lengths[i]):
             classes.setdefault(self._row_width(lengths[i]), []).append(i)
@@ -519,7 +518,7 @@ class SurprisalRunner:
                     bisect.insort(rooms, (left - n, r))
             passes += self._passes(rows, max(1, min(max_rows, self.max_tokens // width)))
         out: dict[int, torch.Tensor] = {}
-        launched = []  # passes run on the device while the next is laid out; collected later
+        launched = []  # passes run on the device while the next is laid out; collected at the end
         for group in passes:
             try:
                 launched.append(self._launch_packed([[(i, tensors[i], firsts[i]) for i in row] for row in group]))
@@ -530,7 +529,9 @@ class SurprisalRunner:
                 torch.cuda.empty_cache()
                 flat = [i for row in group for i in row]
                 out.update(zip(flat, self._run_split([tensors[i] for i in flat], [firsts[i] for i in flat])))
-        return out, launched
+        for item in launched:
+            out.update(self._collect_packed(item))
+        return out
 
     def _passes(self, rows: list[list[int]], per_pass: int) -> list[list[list[int]]]:
         """Rows cut into passes of at most ``per_pass``. With graphs a pass's rows are
@@ -580,6 +581,7 @@ class SurprisalRunner:
             whole = torch.cat(self._run_split([ids[: h + 1]], [1]) + self._run_split([ids[h:]], [1]))
             return [whole[starts[0] - 1 :]]
 
+    @torch.inference_mode()
     def surprisal(self, seqs: Sequence[Sequence[int] | torch.Tensor], max_rows: int | None = None,
                   starts: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Surprisal of tokens ``start .. len-1`` of every sequence (float32, on the CPU).
@@ -590,14 +592,6 @@ class SurprisalRunner:
         tokens give empty tensors. ``max_rows`` caps the sequences per forward pass
         (default: the runner's ``max_rows``).
         """
-        return self.launch(seqs, max_rows, starts).result()
-
-    @torch.inference_mode()
-    def launch(self, seqs: Sequence[Sequence[int] | torch.Tensor], max_rows: int | None = None,
-               starts: Sequence[int] | None = None) -> "Scoring":
-        """:meth:`surprisal`, started: packed passes on a GPU are queued on the device and
-        this returns while they run (:attr:`Scoring.pending`), so a server can lay out and
-        launch the next round before waiting for this one; other paths compute here."""
         max_rows = max_rows or self.max_rows
         tensors = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in seqs]
         lengths = [t.shape[0] for t in tensors]
@@ -605,8 +599,9 @@ class SurprisalRunner:
         results: list[torch.Tensor] = [torch.zeros(0)] * len(tensors)
         order = sorted((i for i, n in enumerate(lengths) if n - firsts[i] >= 1), key=lambda i: lengths[i])
         if len(order) > 1 and self._packing():
-            known, launched = self._launch_surprisal_packed(tensors, lengths, firsts, order, max_rows)
-            return Scoring(results, known, launched)
+            for i, loss in self._surprisal_packed(tensors, lengths, firsts, order, max_rows).items():
+                results[i] = loss
+            return results
         batch: list[int] = []
         real = 0  # tokens of the batch's sequences
         for i in order + [-1]:
@@ -618,7 +613,7 @@ class SurprisalRunner:
                 for j, loss in zip(batch, self._run_split([tensors[j] for j in batch], [firsts[j] for j in batch])):
                     results[j] = loss
             batch, real = [i], len(tensors[i]) if i >= 0 else 0
-        return Scoring(results)
+        return results
 
     def _fits(self, rows: int, width: int, real: int, max_rows: int) -> bool:
         """Whether ``rows`` sequences, the longest ``width`` tokens and ``real`` tokens in
@@ -627,30 +622,3 @@ class SurprisalRunner:
         if rows > max_rows or padded > self.max_tokens:
             return False
         return self.max_padding is None or padded - real <= self.max_padding * padded
-
-
-class Scoring:
-    """Surprisals from :meth:`SurprisalRunner.launch`: ``result()`` waits for the passes
-    still on the device and gives one tensor per sequence, in the order asked."""
-
-    def __init__(self, results: list[torch.Tensor], known: dict[int, torch.Tensor] | None = None,
-                 launched: list | None = None) -> None:
-        self._results = results
-        self._known = known or {}
-        self._launched = launched or []
-
-    @property
-    def pending(self) -> bool:
-        """Whether passes may still be running on a GPU (False: ``result()`` is ready,
-        as on a CPU, where a pass computes as it is issued)."""
-        return any(loss.is_cuda for loss, _, _ in self._launched)
-
-    @torch.inference_mode()
-    def result(self) -> list[torch.Tensor]:
-        launched, self._launched = self._launched, []
-        for item in launched:
-            self._known.update(SurprisalRunner._collect_packed(item))
-        for i, loss in self._known.items():
-            self._results[i] = loss
-        self._known = {}
-        return self._results

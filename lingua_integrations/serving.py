@@ -10,13 +10,6 @@ It waits for more requests only while other calls are in progress (``session``) 
 most ``max_wait`` seconds, so a lone caller pays no latency. A failing batch is retried
 request by request, so one bad request fails only its caller.
 
-**Rounds overlap on the device.** Callers whose requests are in a round cannot ask for
-more until its results come back, but others can: while a round's passes run on the
-GPU, the worker gathers and launches the next round from the requests that arrived
-meanwhile, and only then waits for the first (the device's stream keeps their order).
-The device no longer idles while results are handed back and the next round is laid
-out. Where passes compute as they are issued (a CPU), each round is handed back at once.
-
 **Admission.** A call's own work between device rounds (tokenizing, ranking, the ITPC
 bookkeeping: ~30 ms of Python per 20-document call) holds the GIL. With 64 callers all
 running at once, threads hand the GIL around so often that the process burns twice the
@@ -41,7 +34,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .runner import Scoring, SurprisalRunner
+from .runner import SurprisalRunner
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +113,6 @@ class ScoringQueue:
         self.idle_exit = 2.0  # seconds
         self.rounds = 0  # diagnostics: batches run
         self.requests = 0
-        self.overlapped = 0  # diagnostics: rounds launched while the previous one was still on the device
 
     @property
     def max_active(self) -> int | None:
@@ -174,10 +166,7 @@ class ScoringQueue:
                 self._worker = threading.Thread(target=self._serve, name="lingua-scoring", daemon=True)
                 self._worker.start()
 
-    def _gather(self, first: _Request, waiting: int = 0) -> list[_Request]:
-        """``first`` and the requests that join it: those queued, and while other calls
-        are in progress, those arriving within ``max_wait``. ``waiting``: calls whose
-        request is in the round on the device (they cannot send another yet)."""
+    def _gather(self, first: _Request) -> list[_Request]:
         batch, tokens = [first], sum(len(s) for s in first.seqs)
         deadline = time.monotonic() + self.max_wait
         while tokens < self.max_tokens:
@@ -185,7 +174,7 @@ class ScoringQueue:
                 nxt = self._queue.get_nowait()
             except queue.Empty:
                 with self._lock:
-                    others_running = self._active > len(batch) + waiting
+                    others_running = self._active > len(batch)
                 left = deadline - time.monotonic()
                 if not others_running or left <= 0:
                     break
@@ -198,62 +187,29 @@ class ScoringQueue:
         return batch
 
     def _serve(self) -> None:
-        inflight: tuple[list[_Request], Scoring] | None = None  # launched, not yet waited for
         while True:
-            if inflight is None:
-                try:  # an idle worker exits (and lets the model be freed); the next request restarts it
-                    first = self._queue.get(timeout=self.idle_exit)
-                except queue.Empty:
-                    with self._lock:
-                        if self._queue.empty():
-                            self._worker = None
-                            return
-                    continue
-            else:
-                try:
-                    first = self._queue.get_nowait()
-                except queue.Empty:  # nothing to launch meanwhile: wait for the round on the device
-                    self._finish(*inflight)
-                    inflight = None
-                    continue
-            batch = self._gather(first, len(inflight[0]) if inflight is not None else 0)
+            try:  # an idle worker exits (and lets the model be freed); the next request restarts it
+                first = self._queue.get(timeout=self.idle_exit)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._worker = None
+                        return
+                continue
+            batch = self._gather(first)
             self.rounds += 1
             self.requests += len(batch)
-            self.overlapped += inflight is not None
-            scoring = self._launch(batch)
-            if inflight is not None:  # launched before this round: its results first
-                self._finish(*inflight)
-                inflight = None
-            if scoring is not None and scoring.pending:
-                inflight = (batch, scoring)
-            elif scoring is not None:
-                self._finish(batch, scoring)
-
-    def _launch(self, batch: list[_Request]) -> Scoring | None:
-        """Start the round's device work; None when it failed (each request was then
-        retried alone, and answered)."""
-        try:
-            return self.runner.launch([s for r in batch for s in r.seqs], starts=[st for r in batch for st in r.starts])
-        except BaseException:  # noqa: BLE001 - isolate the request that fails
-            self._answer_one_by_one(batch)
-            return None
-
-    def _finish(self, batch: list[_Request], scoring: Scoring) -> None:
-        """Wait for a launched round and answer its requests."""
-        try:
-            flat = scoring.result()
-        except BaseException:  # noqa: BLE001 - isolate the request that fails
-            self._answer_one_by_one(batch)
-            return
-        pos = 0
-        for r in batch:
-            r.result, pos = flat[pos : pos + len(r.seqs)], pos + len(r.seqs)
-            r.done.set()
-
-    def _answer_one_by_one(self, batch: list[_Request]) -> None:
-        for r in batch:
             try:
-                r.result = self.runner.surprisal(r.seqs, starts=r.starts)
-            except BaseException as exc:  # noqa: BLE001 - delivered to its caller
-                r.error = exc
-            r.done.set()
+                flat = self.runner.surprisal([s for r in batch for s in r.seqs],
+                                             starts=[st for r in batch for st in r.starts])
+                pos = 0
+                for r in batch:
+                    r.result, pos = flat[pos : pos + len(r.seqs)], pos + len(r.seqs)
+            except BaseException:  # noqa: BLE001 - isolate the request that fails
+                for r in batch:
+                    try:
+                        r.result = self.runner.surprisal(r.seqs, starts=r.starts)
+                    except BaseException as exc:  # noqa: BLE001 - delivered to its caller
+                        r.error = exc
+            for r in batch:
+                r.done.set()

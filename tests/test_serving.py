@@ -277,51 +277,6 @@ def test_queue_batches_concurrent_requests_and_routes_results(engine, passages):
         assert torch.allclose(results[k], expected, atol=1e-3)
 
 
-def test_a_round_launches_while_the_previous_is_on_the_device(engine, passages, monkeypatch):
-    """On a GPU, while a round's passes run, the queue's worker gathers and launches the
-    next round from callers not waiting on it, and only then answers the first. Here on
-    the CPU, with launched passes held as a GPU's are until collected, and the second
-    caller asking while the first round is out: two rounds overlap, each caller gets its
-    own surprisals, and the first round is answered first."""
-    from lingua_integrations.runner import Scoring
-
-    queue = engine.loaded.scoring_queue()
-    runner = queue.runner
-    seqs = engine.scorer.encode_many(passages[:4], special=True)
-    alone = {"a": runner.surprisal(seqs[:2]), "b": runner.surprisal(seqs[2:])}
-    monkeypatch.setattr(runner, "pack", True)  # packed passes: the path whose work is launched, then collected
-    monkeypatch.setattr(Scoring, "pending", property(lambda self: bool(self._launched)))
-    launch, finish, answered, results = runner.launch, queue._finish, [], {}
-
-    def ask(name, part):
-        results[name] = queue.surprisal(part)
-
-    def finish_in_order(batch, scoring):  # which round the worker answers (callers wake in any order)
-        answered.append("a" if torch.equal(batch[0].seqs[0], torch.as_tensor(seqs[0])) else "b")
-        finish(batch, scoring)
-
-    second = threading.Thread(target=ask, args=("b", seqs[2:]))
-
-    def launch_while_b_asks(*args, **kwargs):
-        scoring = launch(*args, **kwargs)
-        if not second.is_alive() and "b" not in results:  # the first round is out: b asks now
-            second.start()
-            until(lambda: queue._queue.qsize() > 0, "the second request never reached the queue")
-        return scoring
-
-    monkeypatch.setattr(runner, "launch", launch_while_b_asks)
-    monkeypatch.setattr(queue, "_finish", finish_in_order)
-    overlapped0 = queue.overlapped
-    first = threading.Thread(target=ask, args=("a", seqs[:2]))
-    first.start()
-    first.join(timeout=120)
-    second.join(timeout=120)
-    assert answered == ["a", "b"]
-    assert queue.overlapped == overlapped0 + 1
-    for name in ("a", "b"):
-        assert all(torch.allclose(x, y, atol=1e-3) for x, y in zip(results[name], alone[name]))
-
-
 def until(condition, what: str) -> None:
     """Wait (at most 30 s) for ``condition``, failing with ``what``."""
     deadline = time.monotonic() + 30
