@@ -63,14 +63,9 @@ def _bucket(n: int) -> int:
     return next((b for b in _BUCKETS if b >= n), n)
 
 
-def _limit_span(layer) -> bool:
+def _limit_span(layer) -> None:
     """Make a static cache layer show attention only its first ``layer.span`` slots: the
-    keys and values it returns and the mask size it reports. Only a plain full-attention
-    ``StaticLayer`` (a sliding-window layer reports its own sizes); False for others."""
-    from transformers.cache_utils import StaticLayer
-
-    if type(layer) is not StaticLayer:
-        return False
+    keys and values it returns and the mask size it reports."""
     update, sizes = layer.update, layer.get_mask_sizes
 
     def update_within_span(*args, **kwargs):
@@ -82,7 +77,6 @@ def _limit_span(layer) -> bool:
         return min(length, layer.span), offset
 
     layer.update, layer.get_mask_sizes, layer.span = update_within_span, sizes_within_span, layer.max_cache_len
-    return True
 
 
 class StaticWindows:
@@ -95,6 +89,7 @@ class StaticWindows:
     def __init__(self, model, lock: threading.RLock, length: int, pad_id: int, graphs: bool,
                  pool: Any = None) -> None:
         from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
 
         self.model = model
         self.lock = lock
@@ -107,13 +102,12 @@ class StaticWindows:
             self.cache = StaticCache(config=model.config, max_cache_len=length)
         except Exception as exc:  # noqa: BLE001 - an unknown cache API: use the dynamic path
             raise StaticUnavailable(f"StaticCache not usable here: {exc}") from exc
-        # every layer or none: the layers' attention spans must agree with the one mask
-        spans = [_limit_span(layer) for layer in self.cache.layers]
-        self._spanned = all(spans)
-        if any(spans) and not self._spanned:
-            for layer in self.cache.layers:  # back to the class's own methods
-                layer.__dict__.pop("update", None)
-                layer.__dict__.pop("get_mask_sizes", None)
+        # every layer or none (the layers' spans must agree with the one mask), and only plain
+        # full-attention layers: a sliding-window layer reports its own sizes
+        self._spanned = all(type(layer) is StaticLayer for layer in self.cache.layers)
+        if self._spanned:
+            for layer in self.cache.layers:
+                _limit_span(layer)
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.spans_used: set[int] = set()  # diagnostics: the attention spans replayed
 
