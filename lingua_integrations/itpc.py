@@ -67,18 +67,23 @@ class _Stream:
         self.scorer.static.release(self.static)
         self.static = None
 
-    def _score(self, view: torch.Tensor) -> torch.Tensor:
-        """Surprisal of ``view[cached+1:]`` given the cached positions (may reset ``cached``)."""
+    def _score(self, view: torch.Tensor, need: int) -> tuple[int, torch.Tensor]:
+        """Surprisal of ``view[first:]`` given the cached positions: ``(first, loss)``, with
+        ``first`` the later of ``cached+1`` and ``need`` (positions before ``need`` go
+        into the cache unscored). May reset ``cached``."""
         if self.static is not None:
             try:
-                return self.static.surprisal(view[self.cached :], self.cached)
+                loss = self.static.surprisal(view[self.cached :], self.cached)
+                first = max(self.cached + 1, need)
+                return first, loss[first - self.cached - 1 :]
             except StaticUnavailable as exc:
                 if exc.permanent:
                     self.scorer.static.disable()
                 self.close()
                 self.cache, self.cached = None, 0  # the dynamic cache starts empty
-        loss, self.cache = self.scorer.surprisal(view, self.cache, self.cached)
-        return loss
+        first = max(self.cached + 1, need)
+        loss, self.cache = self.scorer.surprisal(view, self.cache, self.cached, first)
+        return first, loss
 
     def _write(self, first: int, loss: torch.Tensor) -> None:
         p = first + self.shift
@@ -98,14 +103,15 @@ class _Stream:
             return None
         return self.offset, view
 
-    def refresh(self, end: int, keep: int) -> None:
+    def refresh(self, end: int, keep: int, need: int = 0) -> None:
         """Recompute scores of positions up to ``end`` reusing the cache, then keep the
-        cache only for positions before ``keep`` (those will not change)."""
+        cache only for positions before ``keep`` (those will not change). Scores of
+        positions before ``need`` are not asked for (their old values stay)."""
         todo = self.view(end, keep)
         if todo is not None:
             _, view = todo
-            loss = self._score(view)
-            self._write(self.offset + self.cached, loss)
+            first, loss = self._score(view, need - self.offset)
+            self._write(self.offset + first - 1, loss)
             self.cached = len(view)
         if self.static is None:
             self.cache = _crop(self.cache, keep - self.offset)
@@ -124,12 +130,16 @@ class _Stream:
         self.v = self.v[mask]
 
 
-def _score_from_scratch(scorer: CausalScorer, todo: list[tuple[_Stream, torch.Tensor]]) -> None:
+def _score_from_scratch(scorer: CausalScorer, todo: list[tuple[_Stream, torch.Tensor]],
+                        needs: Sequence[int] | None = None) -> None:
     """Score each stream's view afresh, all views in one batch (no KV cache). Only the
-    scores a KV cache would have recomputed are asked for (tokens after ``cached``): the
-    model still reads the whole view, but the LM head runs only there."""
-    todo = [(st, ids) for st, ids in todo if len(ids) >= 2]
-    starts = [st.cached + 1 for st, _ in todo]
+    scores a KV cache would have recomputed are asked for (tokens after ``cached``), and
+    of those only from the stream's ``need`` on: the model still reads the whole view,
+    but the LM head runs only there."""
+    needs = [0] * len(todo) if needs is None else needs
+    kept = [k for k, (_, ids) in enumerate(todo) if len(ids) >= 2]
+    todo = [todo[k] for k in kept]
+    starts = [min(len(ids), max(st.cached + 1, needs[k] - st.offset)) for k, (st, ids) in zip(kept, todo)]
     for (st, _), first, loss in zip(todo, starts, scorer.sequences_surprisal([ids for _, ids in todo], starts)):
         st._write(st.offset + first - 1, loss)
 
@@ -144,21 +154,24 @@ def _score_first(streams: list[tuple[_Stream, int | None]]) -> None:
     _score_from_scratch(streams[0][0].scorer, todo)
 
 
-def _score_upto(streams: list[tuple[_Stream, int, int]]) -> None:
+def _score_upto(streams: list[tuple[_Stream, int, int]], judged_only: bool = False) -> None:
     """Scores up to ``end`` for each ``(stream, end, keep)``: with the KV cache, stream by
     stream; without it, every stream's whole view in one batch. Either way, positions
-    before ``keep`` are final from then on (the next step starts its scores there)."""
+    before ``keep`` are final from then on (the next step starts its scores there).
+    ``judged_only``: only positions from ``keep`` on get new scores (the window about to
+    be judged); the ones before it are recomputed for the cache alone."""
     scorer = streams[0][0].scorer
     if scorer.kv_cache:
         for st, end, keep in streams:
-            st.refresh(end, keep)
+            st.refresh(end, keep, keep if judged_only else 0)
         return
-    todo = []
+    todo, needs = [], []
     for st, end, keep in streams:
         view = st.view(end, keep)
         if view is not None:
             todo.append((st, view[1]))
-    _score_from_scratch(scorer, todo)
+            needs.append(keep if judged_only else 0)
+    _score_from_scratch(scorer, todo, needs)
     for st, ids in todo:
         st.cached = len(ids)
     for st, _, keep in streams:
@@ -236,8 +249,11 @@ def _compress_windows(plan, main: _Stream, plain: _Stream | None, start: int, wi
             _score_first([(main, None if reference else end + 1)]
                          + ([(plain, None if reference else end + 1 - start)] if plain is not None else []))
         else:
+            # the default judges only the window from `end - window` on: the compressed one before
+            # it is recomputed for the cache alone (the reference's thresholds read every score)
             _score_upto([(main, end, end - window)]
-                        + ([(plain, end - start, end - window - start)] if plain is not None else []))
+                        + ([(plain, end - start, end - window - start)] if plain is not None else []),
+                        judged_only=not reference)
         for delta, ratio in pieces:
             n = len(main.ids)
             if plain is not None:

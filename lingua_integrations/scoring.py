@@ -86,19 +86,30 @@ class CausalScorer:
         return q.surprisal(seqs, starts)
 
     @torch.inference_mode()
-    def surprisal(self, ids: torch.Tensor, cache: Any = None, cached: int = 0) -> tuple[torch.Tensor, Any]:
-        """Surprisal of tokens ``cached+1 .. len(ids)-1`` given everything before them.
+    def surprisal(self, ids: torch.Tensor, cache: Any = None, cached: int = 0,
+                  first: int | None = None) -> tuple[torch.Tensor, Any]:
+        """Surprisal of tokens ``first .. len(ids)-1`` (default ``cached+1``) given
+        everything before them.
 
         ``ids`` is the whole 1-D sequence; the first ``cached`` tokens are already in
-        ``cache`` (a transformers ``Cache``) and are not recomputed. Returns the
-        surprisals (float32, length ``len(ids) - cached - 1``) and the cache, now
+        ``cache`` (a transformers ``Cache``) and are not recomputed. Tokens between
+        ``cached`` and ``first`` go through the decoder (the cache needs them) but not
+        through the LM head, a fifth of a small LM's arithmetic: an ITPC window step
+        rebuilds the just-compressed window's cache without needing its scores. Returns
+        the surprisals (float32, length ``len(ids) - first``) and the cache, now
         covering all of ``ids``.
         """
+        first = cached + 1 if first is None else min(len(ids), max(cached + 1, first))
         chunk = ids[cached:].unsqueeze(0).to(self.device)
+        keep = len(ids) - first + 1  # logit columns predicting tokens first .. end (the last one unused)
         with self.loaded.lock, uncompiled(self.model):
-            out = self.model(input_ids=chunk, use_cache=True, **{cache_keyword(self.model): cache})
-        logits = out.logits[0, :-1].float()
-        labels = chunk[0, 1:]
+            kwargs = {"use_cache": True, cache_keyword(self.model): cache}
+            try:
+                out = self.model(input_ids=chunk, logits_to_keep=keep, **kwargs)
+            except TypeError:  # a remote-code model without transformers' logits_to_keep
+                out = self.model(input_ids=chunk, **kwargs)
+        logits = out.logits[0, -keep:-1].float()
+        labels = chunk[0, chunk.shape[1] - keep + 1 :]
         loss = F.cross_entropy(logits, labels, reduction="none")
         return loss, returned_cache(out)
 

@@ -55,6 +55,25 @@ def test_kv_cache_continues_under_the_keyword_this_transformers_takes(engine, pa
     assert torch.allclose(rest.cpu(), whole[half:].cpu(), atol=1e-3)
 
 
+def test_a_window_step_scores_only_from_the_window_it_judges(engine, passages):
+    """A default-mode ITPC step rebuilds the just-compressed window's cache without its
+    scores (``first``): the scores it returns are those of one pass over everything, and
+    the cache covers every token, so the next step continues from it."""
+    scorer = engine.scorer
+    ids = torch.tensor(scorer.encode_many(passages[:1], special=True)[0])
+    half, first = len(ids) // 3, 2 * len(ids) // 3
+    whole, _ = scorer.surprisal(ids)
+    _, cache = scorer.surprisal(ids[:half])
+    tail, cache = scorer.surprisal(ids, cache, half, first)
+    assert len(tail) == len(ids) - first
+    assert torch.allclose(tail.cpu(), whole[first - 1 :].cpu(), atol=1e-3)
+    assert cache.get_seq_length() == len(ids)
+    more = torch.cat([ids, ids[1:9]])
+    nxt, _ = scorer.surprisal(more, cache, len(ids))
+    again, _ = scorer.surprisal(more)
+    assert torch.allclose(nxt.cpu(), again[len(ids) :].cpu(), atol=1e-3)  # tokens len(ids)+1 on
+
+
 def test_span_scoring_skips_the_head_before_the_span_and_matches(engine, passages):
     """Ranking needs only the question's surprisal after each document: ``starts`` gives
     just that span, the same numbers as scoring everything, with the LM head skipped
