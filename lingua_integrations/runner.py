@@ -35,7 +35,8 @@ measured no faster (20 passages: 4.5-4.8 s either way), so it stays off there.
 **The LM head only where a score is asked for.** A packed pass computes the LM head (a
 fifth of a 135M model's arithmetic) and the log-softmax over the vocabulary only at the
 positions its sequences score: ranking asks for the question's ~20 tokens after each
-document, an ITPC window step for the tail its KV cache would have recomputed. The
+document, an ITPC window step for the window it judges (the drop-in: the whole tail its KV
+cache would have recomputed). The
 decoder's hidden states are gathered at those positions (a flat index, an input of the
 captured graph, its length bucketed to an eighth, a quarter or half of the pass) before
 the head. A one-off probe checks that the model's own forward gives the same
