@@ -9,6 +9,8 @@ what precedes it (perplexity ranking), batched over many texts.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from typing import Any, Sequence
 
 import torch
@@ -17,6 +19,13 @@ import torch.nn.functional as F
 from .compilation import uncompiled
 from .kv_graphs import StaticPool
 from .models import LoadedModel, cache_keyword, returned_cache
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(model_type: type) -> bool:
+    """Whether a model class's forward takes transformers' ``logits_to_keep`` (a
+    remote-code model may not)."""
+    return "logits_to_keep" in inspect.signature(model_type.forward).parameters
 
 
 class CausalScorer:
@@ -104,10 +113,9 @@ class CausalScorer:
         keep = len(ids) - first + 1  # logit columns predicting tokens first .. end (the last one unused)
         with self.loaded.lock, uncompiled(self.model):
             kwargs = {"use_cache": True, cache_keyword(self.model): cache}
-            try:
-                out = self.model(input_ids=chunk, logits_to_keep=keep, **kwargs)
-            except TypeError:  # a remote-code model without transformers' logits_to_keep
-                out = self.model(input_ids=chunk, **kwargs)
+            if _takes_logits_to_keep(type(self.model)):  # not retried on a TypeError: the cache may have moved
+                kwargs["logits_to_keep"] = keep
+            out = self.model(input_ids=chunk, **kwargs)  # a model that ignores it returns every column
         logits = out.logits[0, -keep:-1].float()
         labels = chunk[0, chunk.shape[1] - keep + 1 :]
         loss = F.cross_entropy(logits, labels, reduction="none")
