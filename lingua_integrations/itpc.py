@@ -136,11 +136,9 @@ def _score_from_scratch(scorer: CausalScorer, todo: list[tuple[_Stream, torch.Te
     scores a KV cache would have recomputed are asked for (tokens after ``cached``), and
     of those only from the stream's ``need`` on: the model still reads the whole view,
     but the LM head runs only there."""
-    needs = [0] * len(todo) if needs is None else needs
-    kept = [k for k, (_, ids) in enumerate(todo) if len(ids) >= 2]
-    todo = [todo[k] for k in kept]
-    starts = [min(len(ids), max(st.cached + 1, needs[k] - st.offset)) for k, (st, ids) in zip(kept, todo)]
-    for (st, _), first, loss in zip(todo, starts, scorer.sequences_surprisal([ids for _, ids in todo], starts)):
+    items = [(st, ids, need) for (st, ids), need in zip(todo, needs or [0] * len(todo)) if len(ids) >= 2]
+    starts = [min(len(ids), max(st.cached + 1, need - st.offset)) for st, ids, need in items]
+    for (st, _, _), first, loss in zip(items, starts, scorer.sequences_surprisal([ids for _, ids, _ in items], starts)):
         st._write(st.offset + first - 1, loss)
 
 

@@ -117,7 +117,7 @@ class CausalScorer:
                 kwargs["logits_to_keep"] = keep
             out = self.model(input_ids=chunk, **kwargs)  # a model that ignores it returns every column
         logits = out.logits[0, -keep:-1].float()
-        labels = chunk[0, chunk.shape[1] - keep + 1 :]
+        labels = chunk[0, first - cached :]
         loss = F.cross_entropy(logits, labels, reduction="none")
         return loss, returned_cache(out)
 
