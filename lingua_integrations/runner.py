@@ -57,12 +57,16 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from . import packed_attention
 from .compilation import compile_available, compile_regions, compiled, no_recompiling, uncompiled
 
 logger = logging.getLogger(__name__)
 
 MIN_WINDOW = 128  # the shortest window a sequence is cut into under memory pressure
 PACK_WIDTH = 512  # the narrowest packed row (see SurprisalRunner._row_width)
+# sequences a packed row holds at most (its padding is one more): a captured graph's list of
+# sequence boundaries for variable-length attention has a fixed size, rows x (this + 1) + 1
+SEQS_PER_ROW = 15
 # bucket edges for sequence lengths: powers of two and the midpoints between them
 _LENGTHS = sorted({int(b * m) for b in (2 ** k for k in range(5, 18)) for m in (1.0, 1.5)})
 
@@ -137,12 +141,16 @@ class SurprisalRunner:
             ``"cache-free"`` on other CUDA devices, where Triton is there; nothing
             elsewhere (a CPU needs a C++ compiler and ~30 s to compile). A compilation
             error turns it off and the pass runs uncompiled.
+        varlen: packed rows' attention through the variable-length flash kernel
+            (:mod:`.packed_attention`): ``"auto"`` where it runs (CUDA, half precision),
+            ``True`` everywhere (on a CPU its slow exact stand-in: tests of the layout),
+            ``False``: SDPA over the packed rows' block mask.
     """
 
     def __init__(self, model, lock: threading.RLock, *, max_tokens: int = 16384, max_rows: int = 64,
                  graphs: bool | str = "auto", pad_id: int = 0, max_positions: int | None = None,
                  max_padding: float | None | str = "auto", pack: bool | str = "auto",
-                 compile: bool | str = "auto") -> None:
+                 compile: bool | str = "auto", varlen: bool | str = "auto") -> None:
         self.model = model
         self.lock = lock
         self.device = next(model.parameters()).device
@@ -157,6 +165,8 @@ class SurprisalRunner:
         self._pool = None
         self._keep_logits = True  # the model takes logits_to_keep (transformers' causal LMs do)
         self.pack = pack
+        # installed before anything is compiled or captured: both bake the attention function in
+        self.varlen = bool(varlen) and packed_attention.install(model, force=varlen is True)
         if compile == "auto":
             compile = compile_available(self.device) and ("layers" if self.graphs else "cache-free")
         elif compile is True:
@@ -179,14 +189,14 @@ class SurprisalRunner:
         return len(self._captured)
 
     # -- the computation --------------------------------------------------------
-    def _loss(self, ids: torch.Tensor, keep: int | torch.Tensor = 0,
-              positions: torch.Tensor | None = None, flat: torch.Tensor | None = None) -> torch.Tensor:
+    def _loss(self, ids: torch.Tensor, keep: int | torch.Tensor = 0, positions: torch.Tensor | None = None,
+              flat: torch.Tensor | None = None, cu: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`_pass`, through the compiled model when compilation is on. A pass that
         fails compiled is rerun eagerly: if that works, compilation was at fault (no
         compiler, an unsupported model) and is turned off; if not, the model's own error
         goes to the caller and compilation stays on."""
         if not self.compile:
-            return self._pass(ids, keep, positions, token_surprisal, flat)
+            return self._pass(ids, keep, positions, token_surprisal, flat, cu)
         with self.lock:
             first = self._uncompile is None
             if first:
@@ -194,12 +204,12 @@ class SurprisalRunner:
         try:
             if first and self.compile == "cache-free":
                 self._warm_single_rows()
-            return self._pass(ids, keep, positions, compiled(token_surprisal), flat)
+            return self._pass(ids, keep, positions, compiled(token_surprisal), flat, cu)
         except Exception as exc:  # noqa: BLE001 - sorted out by the eager rerun
             if _is_oom(exc):
                 raise
             with uncompiled():
-                result = self._pass(ids, keep, positions, token_surprisal, flat)
+                result = self._pass(ids, keep, positions, token_surprisal, flat, cu)
             logger.warning("torch.compile failed (%s); running the model uncompiled", exc)
             self._stop_compiling()
             return result
@@ -219,16 +229,20 @@ class SurprisalRunner:
 
     def _pass(self, ids: torch.Tensor, keep: int | torch.Tensor, positions: torch.Tensor | None,
               surprisal: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-              flat: torch.Tensor | None = None) -> torch.Tensor:
+              flat: torch.Tensor | None = None, cu: torch.Tensor | None = None) -> torch.Tensor:
         """Surprisal of the next token at each logit column of ``ids``: columns ``width -
         keep .. width - 2`` for an int ``keep`` (all when 0), the listed columns for a tensor.
         A ``keep`` skips the LM head (a fifth of a small LM's arithmetic) and the
         log-softmax over the vocabulary elsewhere. ``positions``: packed rows' position ids.
         ``flat``: instead, a 1-D result at these indices into the flattened ``(rows, width)``
-        positions (each row's last column excluded), the head applied there alone."""
+        positions (each row's last column excluded), the head applied there alone.
+        ``cu``: the packed sequences' flat boundaries, for variable-length attention."""
         kwargs: dict = {"use_cache": False}
         if positions is not None:
             kwargs["position_ids"] = positions
+        if cu is not None:
+            width = ids.shape[1]
+            kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=width, max_length_k=width)
         if flat is not None:
             hidden = self.model.get_decoder()(input_ids=ids, **kwargs).last_hidden_state
             picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
@@ -248,8 +262,8 @@ class SurprisalRunner:
 
     def _graph(self, shape: tuple[int, int], packed: bool = False, head: int = 0):
         """The captured graph of ``shape`` (captured on first use; None when capture fails):
-        ``(graph, ids, positions or None, flat index or None, loss)``, the first two static
-        inputs. ``head``: the LM head at this many gathered positions (0: everywhere)."""
+        ``(graph, ids, positions or None, flat index or None, sequence boundaries or None,
+        loss)``, the inputs static. ``head``: the LM head at this many gathered positions (0: everywhere)."""
         key = (*shape, packed, head)
         hit = self._captured.get(key)
         if hit is not None or not self.graphs:
@@ -257,6 +271,11 @@ class SurprisalRunner:
         static = torch.full(shape, self.pad_id, dtype=torch.long, device=self.device)
         positions = torch.arange(shape[1], device=self.device).expand(shape).contiguous() if packed else None
         flat = torch.zeros(head, dtype=torch.long, device=self.device) if head else None
+        cu = None
+        if packed and self.varlen:  # a fixed-size boundary list: one sequence per row, then empty ones
+            cu = torch.full((shape[0] * (SEQS_PER_ROW + 1) + 1,), shape[0] * shape[1], dtype=torch.int32)
+            cu[: shape[0]] = torch.arange(shape[0], dtype=torch.int32) * shape[1]
+            cu = cu.to(self.device)
         try:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -266,12 +285,12 @@ class SurprisalRunner:
                 # warm-up) it skips the mask unless some row packs two sequences. Compile both variants.
                 warm = torch.arange(shape[1], device=self.device).repeat(shape[0], 1)
                 warm[:, shape[1] // 2 :] -= shape[1] // 2
-                self._loss(static, positions=positions, flat=flat)
-                self._loss(static, positions=warm, flat=flat)
+                self._loss(static, positions=positions, flat=flat, cu=cu)
+                self._loss(static, positions=warm, flat=flat, cu=cu)
                 torch.cuda.synchronize(self.device)
             with no_recompiling() if self.compile else contextlib.nullcontext():
-                graph, out = capture_graph(lambda: self._loss(static, positions=positions, flat=flat), self.device,
-                                           self._pool)
+                graph, out = capture_graph(lambda: self._loss(static, positions=positions, flat=flat, cu=cu),
+                                           self.device, self._pool)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
             if _is_oom(exc):
                 raise
@@ -290,7 +309,7 @@ class SurprisalRunner:
             logger.warning("CUDA graph capture failed (%s); running eagerly", exc)
             self.graphs = False
             return None
-        self._captured[key] = (graph, static, positions, flat, out)
+        self._captured[key] = (graph, static, positions, flat, cu, out)
         return self._captured[key]
 
     def _shape(self, rows: int, width: int) -> tuple[int, int]:
@@ -311,7 +330,7 @@ class SurprisalRunner:
         with self.lock:
             captured = self._graph((rows, width)) if self.graphs else None
             if captured is not None:
-                graph, static, _, _, out = captured
+                graph, static, _, _, _, out = captured
                 static.copy_(ids, non_blocking=True)
                 graph.replay()
                 loss = out.to("cpu", copy=True)
@@ -398,8 +417,10 @@ class SurprisalRunner:
     def _layout(self, rows: list[list[tuple[int, torch.Tensor, int]]], shape: tuple[int, int]):
         """The host side of a packed pass, vectorised (a 64-caller round packs ~1300
         sequences): token ids and position ids of ``shape``, where each sequence landed
-        (``(key, row, first logit column, end column)``) and the flat indices of the
-        positions whose surprisal is asked for, sequence after sequence."""
+        (``(key, row, first logit column, end column)``), the flat indices of the
+        positions whose surprisal is asked for, sequence after sequence, and the flat
+        boundaries of the sequences (each row's padding one of them), for variable-length
+        attention."""
         width = shape[1]
         seqs = [seq for row in rows for _, seq, _ in row]
         lens = np.array([seq.shape[0] for seq in seqs], dtype=np.int64)
@@ -420,8 +441,11 @@ class SurprisalRunner:
         flat = dest[scored]
         placed = [(key, int(r), int(c) + start - 1, int(c) + len(seq) - 1)
                   for (key, seq, start), r, c in zip((x for row in rows for x in row), row_of, col)]
+        padded = np.nonzero(fill < width)[0]
+        bounds = np.sort(np.concatenate([row_of * width + col, padded * width + fill[padded],
+                                         [shape[0] * width]]))
         return (torch.from_numpy(ids).view(shape), torch.from_numpy(pos).view(shape), placed,
-                torch.from_numpy(flat))
+                torch.from_numpy(flat), torch.from_numpy(bounds.astype(np.int32)))
 
     def _run_packed(self, rows: list[list[tuple[int, torch.Tensor, int]]], eager: bool = False) -> dict[int, torch.Tensor]:
         """One pass over ``rows`` (see :meth:`_launch_packed`), waited for."""
@@ -439,22 +463,27 @@ class SurprisalRunner:
         if graphs:
             shape = self._shape(*shape)
         width = shape[1]
-        ids, pos, placed, flat = self._layout(rows, shape)
+        ids, pos, placed, flat, bounds = self._layout(rows, shape)
         gather = not eager and self._gathering()
         with self.lock:
             head = self._head_size(len(flat), shape) if gather and graphs else 0
             captured = self._graph(shape, packed=True, head=head) if graphs else None
+            # eager passes take the exact boundary list; a graph its own, filled in below
+            cu = bounds.to(self.device) if self.varlen and captured is None else None
             if captured is not None:
-                graph, static, positions, index, out = captured
+                graph, static, positions, index, cu, out = captured
                 static.copy_(ids, non_blocking=True)
                 positions.copy_(pos, non_blocking=True)
+                if cu is not None:  # the list's fixed size: empty sequences at its end
+                    cu.copy_(torch.cat([bounds, bounds[-1:].expand(cu.shape[0] - len(bounds))]), non_blocking=True)
                 if index is not None:
                     index.copy_(torch.cat([flat, torch.zeros(head - len(flat), dtype=torch.long)]), non_blocking=True)
                 graph.replay()
                 loss = out.clone()  # the next replay of this graph overwrites `out`
                 self.head_positions += head or shape[0] * (width - 1)
             elif gather and self._gather_ok:  # a capture may have just failed and turned it off
-                loss = self._loss(ids.to(self.device), positions=pos.to(self.device), flat=flat.to(self.device))
+                loss = self._loss(ids.to(self.device), positions=pos.to(self.device), flat=flat.to(self.device),
+                                  cu=cu)
                 self.head_positions += len(flat)
             else:
                 needed = torch.zeros(width - 1, dtype=torch.bool)  # logit columns some sequence scores from
@@ -462,13 +491,13 @@ class SurprisalRunner:
                     needed[a:b] = True
                 cols = needed.nonzero().squeeze(1)
                 if self._keep_logits and len(cols) < 0.8 * (width - 1):
-                    scored = self._loss(ids.to(self.device), cols.to(self.device), pos.to(self.device)).to("cpu")
+                    scored = self._loss(ids.to(self.device), cols.to(self.device), pos.to(self.device), cu=cu).to("cpu")
                     loss = torch.full((shape[0], width - 1), math.nan)
                     # a model that refused a tensor logits_to_keep returned every column
                     loss[:, cols] = scored if scored.shape[1] == len(cols) else scored[:, cols]
                     self.head_positions += shape[0] * scored.shape[1]
                 else:
-                    loss = self._loss(ids.to(self.device), positions=pos.to(self.device))
+                    loss = self._loss(ids.to(self.device), positions=pos.to(self.device), cu=cu)
                     self.head_positions += shape[0] * (width - 1)
             self.forward_passes += 1
             self.positions_run += shape[0] * width
@@ -516,7 +545,8 @@ class SurprisalRunner:
                 else:
                     left, r = rooms.pop(k)
                     rows[r].append(i)
-                    bisect.insort(rooms, (left - n, r))
+                    if len(rows[r]) < SEQS_PER_ROW:  # a full row takes no more (see SEQS_PER_ROW)
+                        bisect.insort(rooms, (left - n, r))
             passes += self._passes(rows, max(1, min(max_rows, self.max_tokens // width)))
         out: dict[int, torch.Tensor] = {}
         launched = []  # passes run on the device while the next is laid out; collected at the end

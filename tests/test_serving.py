@@ -116,6 +116,40 @@ def test_packed_rows_score_each_sequence_as_if_alone(engine, passages, nq_rows):
     assert packed.positions_run < 0.8 * padded.positions_run  # mixed lengths: padding was a fifth or more
 
 
+def test_variable_length_attention_over_packed_rows_scores_each_sequence_as_if_alone(engine, passages, nq_rows):
+    """Packed rows' attention through sequence boundaries (the variable-length flash kernel on
+    a GPU; here its exact per-sequence stand-in) instead of SDPA's block mask: a wrong
+    boundary list would let a sequence see its neighbour or cut it short. Many short
+    sequences fill rows up to their cap (SEQS_PER_ROW), long ones share rows with them."""
+    import copy
+
+    from lingua_integrations import packed_attention
+    from lingua_integrations.runner import SEQS_PER_ROW
+
+    model = copy.deepcopy(engine.loaded.model)  # installing switches this model's attention
+    lock = threading.RLock()
+    words = " ".join(passages).split()
+    short = [" ".join(words[k : k + 3 + k % 5]) for k in range(0, 8 * 40, 8)]  # 40 sequences of 4-9 tokens
+    seqs = engine.scorer.encode_many(passages[:4] + short, special=True)
+    starts = [max(1, len(s) - 4) for s in seqs]
+    want = SurprisalRunner(model, lock, pack=True, varlen=False).surprisal(seqs, starts=starts)
+    assert model.config._attn_implementation == "sdpa"
+    runner = SurprisalRunner(model, lock, pack=True, varlen=True)
+    assert runner.varlen and model.config._attn_implementation == packed_attention.NAME
+    seen = []
+    layout = runner._layout
+    runner._layout = lambda rows, shape: seen.append([len(r) for r in rows]) or layout(rows, shape)
+    got = runner.surprisal(seqs, starts=starts)
+    assert max(n for pass_rows in seen for n in pass_rows) == SEQS_PER_ROW  # the cap was reached
+    for ids, s, a, b in zip(seqs, starts, want, got):
+        assert b.shape == (len(ids) - s,)
+        assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+    # a forward without boundaries (KV-cache windows, padded batches) still runs SDPA with its mask
+    ids = torch.tensor(seqs[0]).unsqueeze(0)
+    with torch.inference_mode():
+        assert torch.allclose(model(input_ids=ids).logits, engine.loaded.model(input_ids=ids).logits, atol=1e-5)
+
+
 def test_compiled_decoder_layers_score_as_the_eager_model(engine, passages):
     """Regional compilation (on by default where CUDA graphs are) fuses the decoder layers'
     small kernels: the same surprisals, on batches of several shapes from one compilation;
