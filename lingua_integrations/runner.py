@@ -144,13 +144,14 @@ class SurprisalRunner:
         varlen: packed rows' attention through the variable-length flash kernel
             (:mod:`.packed_attention`): ``"auto"`` where it runs (CUDA, half precision),
             ``True`` everywhere (on a CPU its slow exact stand-in: tests of the layout),
-            ``False``: SDPA over the packed rows' block mask.
+            ``False`` (the default until it has been timed and checked on a GPU inside
+            captured graphs and compiled layers): SDPA over the packed rows' block mask.
     """
 
     def __init__(self, model, lock: threading.RLock, *, max_tokens: int = 16384, max_rows: int = 64,
                  graphs: bool | str = "auto", pad_id: int = 0, max_positions: int | None = None,
                  max_padding: float | None | str = "auto", pack: bool | str = "auto",
-                 compile: bool | str = "auto", varlen: bool | str = "auto") -> None:
+                 compile: bool | str = "auto", varlen: bool | str = False) -> None:
         self.model = model
         self.lock = lock
         self.device = next(model.parameters()).device
