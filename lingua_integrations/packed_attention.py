@@ -43,13 +43,11 @@ def _reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: tor
     Slow (a loop over sequences); it exists so the packing layout is testable on any machine."""
     out = torch.empty_like(q)
     bounds = cu.tolist()
-    groups = q.shape[1] // k.shape[1]
     for a, b in zip(bounds, bounds[1:]):
         if b > a:
             qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
-            ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
-            out[a:b] = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
-                                                                        scale=scale).transpose(0, 1)
+            out[a:b] = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                                        enable_gqa=True).transpose(0, 1)
     return out
 
 

@@ -64,8 +64,8 @@ logger = logging.getLogger(__name__)
 
 MIN_WINDOW = 128  # the shortest window a sequence is cut into under memory pressure
 PACK_WIDTH = 512  # the narrowest packed row (see SurprisalRunner._row_width)
-# sequences a packed row holds at most (its padding is one more): a captured graph's list of
-# sequence boundaries for variable-length attention has a fixed size, rows x (this + 1) + 1
+# with variable-length attention on, the sequences a packed row holds at most (its padding is one
+# more): a captured graph's list of sequence boundaries has a fixed size, rows x (this + 1) + 1
 SEQS_PER_ROW = 15
 # bucket edges for sequence lengths: powers of two and the midpoints between them
 _LENGTHS = sorted({int(b * m) for b in (2 ** k for k in range(5, 18)) for m in (1.0, 1.5)})
@@ -419,9 +419,9 @@ class SurprisalRunner:
         """The host side of a packed pass, vectorised (a 64-caller round packs ~1300
         sequences): token ids and position ids of ``shape``, where each sequence landed
         (``(key, row, first logit column, end column)``), the flat indices of the
-        positions whose surprisal is asked for, sequence after sequence, and the flat
-        boundaries of the sequences (each row's padding one of them), for variable-length
-        attention."""
+        positions whose surprisal is asked for, sequence after sequence, and, with
+        variable-length attention on, the flat boundaries of the sequences (each row's
+        padding one of them; None otherwise)."""
         width = shape[1]
         seqs = [seq for row in rows for _, seq, _ in row]
         lens = np.array([seq.shape[0] for seq in seqs], dtype=np.int64)
@@ -442,11 +442,13 @@ class SurprisalRunner:
         flat = dest[scored]
         placed = [(key, int(r), int(c) + start - 1, int(c) + len(seq) - 1)
                   for (key, seq, start), r, c in zip((x for row in rows for x in row), row_of, col)]
-        padded = np.nonzero(fill < width)[0]
-        bounds = np.sort(np.concatenate([row_of * width + col, padded * width + fill[padded],
-                                         [shape[0] * width]]))
+        bounds = None
+        if self.varlen:
+            padded = np.nonzero(fill < width)[0]
+            bounds = torch.from_numpy(np.sort(np.concatenate(
+                [row_of * width + col, padded * width + fill[padded], [shape[0] * width]])).astype(np.int32))
         return (torch.from_numpy(ids).view(shape), torch.from_numpy(pos).view(shape), placed,
-                torch.from_numpy(flat), torch.from_numpy(bounds.astype(np.int32)))
+                torch.from_numpy(flat), bounds)
 
     def _run_packed(self, rows: list[list[tuple[int, torch.Tensor, int]]], eager: bool = False) -> dict[int, torch.Tensor]:
         """One pass over ``rows`` (see :meth:`_launch_packed`), waited for."""
@@ -546,7 +548,7 @@ class SurprisalRunner:
                 else:
                     left, r = rooms.pop(k)
                     rows[r].append(i)
-                    if len(rows[r]) < SEQS_PER_ROW:  # a full row takes no more (see SEQS_PER_ROW)
+                    if not self.varlen or len(rows[r]) < SEQS_PER_ROW:  # a full row takes no more
                         bisect.insort(rooms, (left - n, r))
             passes += self._passes(rows, max(1, min(max_rows, self.max_tokens // width)))
         out: dict[int, torch.Tensor] = {}
