@@ -78,10 +78,23 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return out.view(rows, width, heads, dim), None
 
 
+def register() -> None:
+    """Make :data:`NAME` known to transformers in this process. A config switched to it
+    names it, so a process that builds a model from such a config (a host worker's
+    meta-device copy) must register it first."""
+    global _registered
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if not _registered:
+        AttentionInterface.register(NAME, packed_attention)
+        AttentionMaskInterface.register(NAME, sdpa_mask)  # unpacked forwards keep SDPA's masks
+        _registered = True
+
+
 def install(model: torch.nn.Module, force: bool = False) -> bool:
     """Switch ``model`` (an SDPA transformers model) to :func:`packed_attention`; whether it did.
     Only where the flash kernel runs, unless ``force`` (tests of the layout on a CPU)."""
-    global _registered
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", NAME):
         return False
@@ -89,13 +102,7 @@ def install(model: torch.nn.Module, force: bool = False) -> bool:
     if not force and not flash_available(param.device, param.dtype):
         return False
     try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        if not _registered:
-            AttentionInterface.register(NAME, packed_attention)
-            AttentionMaskInterface.register(NAME, sdpa_mask)  # unpacked forwards keep SDPA's masks
-            _registered = True
+        register()
         model.set_attn_implementation(NAME)
     except Exception as exc:  # noqa: BLE001 - an older or newer transformers: SDPA stays
         logger.info("variable-length attention not installed (%s); packed rows use SDPA's mask", exc)

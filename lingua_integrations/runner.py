@@ -142,16 +142,17 @@ class SurprisalRunner:
             elsewhere (a CPU needs a C++ compiler and ~30 s to compile). A compilation
             error turns it off and the pass runs uncompiled.
         varlen: packed rows' attention through the variable-length flash kernel
-            (:mod:`.packed_attention`): ``"auto"`` where it runs (CUDA, half precision),
+            (:mod:`.packed_attention`): ``"auto"`` (the default) where it runs (CUDA,
+            half precision; on an H100 the same outputs as SDPA's block mask inside
+            captured graphs and compiled layers, 64 callers with 16 workers 1.34 -> 1.01 s),
             ``True`` everywhere (on a CPU its slow exact stand-in: tests of the layout),
-            ``False`` (the default until it has been timed and checked on a GPU inside
-            captured graphs and compiled layers): SDPA over the packed rows' block mask.
+            ``False``: SDPA over the packed rows' block mask.
     """
 
     def __init__(self, model, lock: threading.RLock, *, max_tokens: int = 16384, max_rows: int = 64,
                  graphs: bool | str = "auto", pad_id: int = 0, max_positions: int | None = None,
                  max_padding: float | None | str = "auto", pack: bool | str = "auto",
-                 compile: bool | str = "auto", varlen: bool | str = False) -> None:
+                 compile: bool | str = "auto", varlen: bool | str = "auto") -> None:
         self.model = model
         self.lock = lock
         self.device = next(model.parameters()).device

@@ -109,6 +109,10 @@ def _host_engine(spec: _Spec, conn) -> "CompressionEngine":
     from .models import LoadedModel
     from .scoring import CausalScorer
 
+    from . import packed_attention
+
+    if getattr(spec.config, "_attn_implementation", None) == packed_attention.NAME:
+        packed_attention.register()  # the parent switched its model to it; the config names it
     with torch.device("meta"):
         model = spec.model_class(spec.config)
     loaded = LoadedModel(spec.model_name, "", model, spec.tokenizer, spec.device, spec.dtype)

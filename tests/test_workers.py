@@ -149,3 +149,28 @@ def test_a_script_without_a_main_guard_gets_told(tmp_path):
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert run.returncode != 0
     assert 'if __name__ == "__main__":' in run.stderr.splitlines()[-1], run.stderr[-2000:]
+
+
+def test_workers_serve_a_model_switched_to_variable_length_attention(calls):
+    """On a GPU the runner switches the model to packed_attention's kernel, so the config a
+    worker builds its meta-device copy from names an attention function that only this
+    process had registered (an H100 run failed on it). The worker must start and give the
+    calling thread's output; here the boundaries run through the CPU's exact stand-in."""
+    from lingua_integrations import packed_attention
+
+    engine = CompressionEngine(device="cpu")
+    engine.scorer.kv_cache = False
+    engine.scorer.use_queue = True
+    model, runner = engine.loaded.model, engine.loaded.scoring_queue().runner
+    try:
+        assert packed_attention.install(model, force=True)
+        runner.varlen = True  # "auto" leaves it off on a CPU; the stand-in is exact
+        here = _run(engine, calls[0])
+        engine.start_workers(1)
+        via = _run(engine, calls[0])
+        assert via.compressed_prompt == here.compressed_prompt
+    finally:
+        engine.stop_workers()
+        # the model and its runner are shared with this process's other engines
+        runner.varlen = False
+        model.set_attn_implementation("sdpa")
