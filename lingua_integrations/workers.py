@@ -105,11 +105,10 @@ class _RemoteQueue:
 def _host_engine(spec: _Spec, conn) -> "CompressionEngine":
     """An engine whose small LM exists only as a tokenizer, a configuration and a queue
     that asks the parent process for surprisals."""
+    from . import packed_attention
     from .engine import CompressionEngine
     from .models import LoadedModel
     from .scoring import CausalScorer
-
-    from . import packed_attention
 
     if getattr(spec.config, "_attn_implementation", None) == packed_attention.NAME:
         packed_attention.register()  # the parent switched its model to it; the config names it

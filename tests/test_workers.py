@@ -162,15 +162,19 @@ def test_workers_serve_a_model_switched_to_variable_length_attention(calls):
     engine.scorer.kv_cache = False
     engine.scorer.use_queue = True
     model, runner = engine.loaded.model, engine.loaded.scoring_queue().runner
+    pack, layout, packed_rows = runner.pack, runner._layout, []
     try:
         assert packed_attention.install(model, force=True)
-        runner.varlen = True  # "auto" leaves it off on a CPU; the stand-in is exact
+        runner.varlen = runner.pack = True  # "auto" leaves both off on a CPU; the stand-in is exact
+        runner._layout = lambda rows, shape: packed_rows.append(max(map(len, rows))) or layout(rows, shape)
         here = _run(engine, calls[0])
         engine.start_workers(1)
         via = _run(engine, calls[0])
         assert via.compressed_prompt == here.compressed_prompt
+        assert max(packed_rows) > 1, "no row held several sequences: the boundaries were not exercised"
     finally:
         engine.stop_workers()
         # the model and its runner are shared with this process's other engines
-        runner.varlen = False
+        runner.varlen, runner.pack = False, pack
+        del runner._layout
         model.set_attn_implementation("sdpa")
