@@ -6,6 +6,8 @@ compressed prompt (same hash: same output), and the 64-caller case (threads, 16 
 
     for a in --sdpa --varlen; do python3 benchmarks/varlen_ab.py $a; done   # carry .cache/gpu
 
+``--shape=smollm2-135m-shape`` (or ``llama2-7b-shape``) times one shape only.
+
 Diagnostics for issue 5, not a benchmark of record (``benchmarks/speed.py`` is).
 """
 import sys, json, time, hashlib
@@ -17,6 +19,11 @@ import lingua_integrations.runner as R
 R.SurprisalRunner.__init__.__kwdefaults__["varlen"] = "auto" if "--varlen" in sys.argv else False
 from lingua_integrations.compat import PromptCompressor
 from transformers import AutoTokenizer
+
+
+def _rounded(stats: dict) -> dict:
+    """A concurrency result's scalars, rounded (nested parts and worker start-up left out)."""
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items() if not isinstance(v, (dict, list))}
 
 
 def main() -> None:
@@ -38,8 +45,7 @@ def main() -> None:
                 print(name, shape, nd, res[f"{name} {shape} {nd}"], flush=True)
         if shape.startswith("smol"):
             c = speed.concurrency(pc.engine, docs, questions, 64, workers=(16,))
-            res["conc"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in c.items() if not isinstance(v, dict)}
-            res["conc16"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in c["host_workers"].items() if k != "worker_startup"}
+            res["conc"], res["conc16"] = _rounded(c), _rounded(c["host_workers"])
             print(res["conc"], res["conc16"], flush=True)
         pc = None; speed.release_models()
     print("RESULT", json.dumps(res), flush=True)

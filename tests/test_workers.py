@@ -162,7 +162,7 @@ def test_workers_serve_a_model_switched_to_variable_length_attention(calls):
     engine.scorer.kv_cache = False
     engine.scorer.use_queue = True
     model, runner = engine.loaded.model, engine.loaded.scoring_queue().runner
-    pack, layout, packed_rows = runner.pack, runner._layout, []
+    varlen, pack, layout, packed_rows = runner.varlen, runner.pack, runner._layout, []
     try:
         assert packed_attention.install(model, force=True)
         runner.varlen = runner.pack = True  # "auto" leaves both off on a CPU; the stand-in is exact
@@ -175,6 +175,6 @@ def test_workers_serve_a_model_switched_to_variable_length_attention(calls):
     finally:
         engine.stop_workers()
         # the model and its runner are shared with this process's other engines
-        runner.varlen, runner.pack = False, pack
+        runner.varlen, runner.pack = varlen, pack
         del runner._layout
         model.set_attn_implementation("sdpa")
