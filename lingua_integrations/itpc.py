@@ -61,11 +61,18 @@ class _Stream:
         self.static = scorer.static.acquire(len(ids)) if scorer.kv_cache else None
         self.offset = 0  # first position the model sees (long inputs slide this forward)
         self.cached = 0  # positions offset .. offset+cached-1 are in the cache
+        # windows batched across callers: the KV cache in a region of the device pool (kv_pool.py);
+        # a sequence longer than the model's window slides its view and is scored from scratch
+        self.region = (scorer.pool_allocate(len(ids)) if self.static is None and scorer.pooled
+                       and len(ids) <= (scorer.loaded.max_positions or 0) else None)
 
     def close(self) -> None:
         """Give the static cache back for the next call."""
         self.scorer.static.release(self.static)
         self.static = None
+        if self.region is not None:
+            self.scorer.pool_release(self.region)
+            self.region = None
 
     def _score(self, view: torch.Tensor, need: int) -> tuple[int, torch.Tensor]:
         """Surprisal of ``view[first:]`` given the cached positions: ``(first, loss)``, with
@@ -126,6 +133,10 @@ class _Stream:
         self.cached = max(0, min(self.cached, keep - self.offset))
 
     def keep(self, mask: torch.Tensor) -> None:
+        if self.region is not None:  # the pool holds positions before the first dropped token still
+            dropped = (~mask).nonzero()
+            if len(dropped):
+                self.cached = min(self.cached, int(dropped[0]))
         self.ids = self.ids[mask]
         self.v = self.v[mask]
 
@@ -142,14 +153,39 @@ def _score_from_scratch(scorer: CausalScorer, todo: list[tuple[_Stream, torch.Te
         st._write(st.offset + first - 1, loss)
 
 
+def _score_pooled(todo: list[tuple[_Stream, int, int]]) -> None:
+    """Scores up to ``end`` for each ``(stream, end, need)`` whose KV cache is in the pool,
+    all in one request: only the tokens after a stream's ``cached`` prefix run, and of
+    those only the ones from ``need`` on through the LM head. A stream's pool then holds
+    every position up to ``end`` (:meth:`_Stream.keep` moves that back past a drop)."""
+    items, owners = [], []
+    for st, end, need in todo:
+        end = min(end, len(st.ids))
+        first = max(st.cached + 1, need)
+        if end - st.cached < 2 or first >= end:
+            continue
+        items.append((st.region, st.cached, st.ids[st.cached : end], first - st.cached))
+        owners.append((st, first, end))
+    if items:
+        for (st, first, end), loss in zip(owners, todo[0][0].scorer.pooled_surprisal(items)):
+            st._write(first - 1, loss)
+            st.cached = end
+
+
 def _score_first(streams: list[tuple[_Stream, int | None]]) -> None:
     """The first pass: each stream's first ``limit`` positions (all when None), in one batch."""
-    todo = []
+    todo, pooled = [], []
     for st, limit in streams:
         st.cache, st.offset, st.cached = None, 0, 0
         n = len(st.ids) if limit is None else min(limit, len(st.ids))
-        todo.append((st, st.ids[:n]))
-    _score_from_scratch(streams[0][0].scorer, todo)
+        if st.region is not None:
+            pooled.append((st, n, 0))
+        else:
+            todo.append((st, st.ids[:n]))
+    if pooled:
+        _score_pooled(pooled)
+    if todo:
+        _score_from_scratch(streams[0][0].scorer, todo)
 
 
 def _score_upto(streams: list[tuple[_Stream, int, int]], judged_only: bool = False) -> None:
@@ -163,17 +199,24 @@ def _score_upto(streams: list[tuple[_Stream, int, int]], judged_only: bool = Fal
         for st, end, keep in streams:
             st.refresh(end, keep, keep if judged_only else 0)
         return
+    pooled = [(st, end, keep if judged_only else 0) for st, end, keep in streams if st.region is not None]
+    if pooled:
+        _score_pooled(pooled)
     todo, needs = [], []
     for st, end, keep in streams:
+        if st.region is not None:
+            continue
         view = st.view(end, keep)
         if view is not None:
             todo.append((st, view[1]))
             needs.append(keep if judged_only else 0)
-    _score_from_scratch(scorer, todo, needs)
+    if todo:
+        _score_from_scratch(scorer, todo, needs)
     for st, ids in todo:
         st.cached = len(ids)
     for st, _, keep in streams:
-        st.settle(keep)
+        if st.region is None:
+            st.settle(keep)
 
 
 @dataclass

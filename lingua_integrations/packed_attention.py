@@ -59,6 +59,11 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     With ``cu_seq_lens_q`` (flat boundaries of the packed sequences, over rows × width
     positions) and ``max_length_q``: each sequence attends causally to itself alone.
     Without: transformers' SDPA function, unchanged."""
+    pooled = kwargs.get("lingua_pooled")
+    if pooled is not None:  # a pass over new tokens with their streams' keys in the KV pool
+        from .kv_pool import pooled_attention
+
+        return pooled_attention(module, query, key, value, pooled, scaling, flash_available(query.device, query.dtype)), None
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from . import packed_attention
+from .kv_pool import KVPool, PooledPass
 from .compilation import compile_available, compile_regions, compiled, no_recompiling, uncompiled
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ PACK_WIDTH = 512  # the narrowest packed row (see SurprisalRunner._row_width)
 # with variable-length attention on, the sequences a packed row holds at most (its padding is one
 # more): a captured graph's list of sequence boundaries has a fixed size, rows x (this + 1) + 1
 SEQS_PER_ROW = 15
+POOLED_SEQS = 256  # most streams one pooled pass serves (its boundary lists are bucketed up to this)
 # bucket edges for sequence lengths: powers of two and the midpoints between them
 _LENGTHS = sorted({int(b * m) for b in (2 ** k for k in range(5, 18)) for m in (1.0, 1.5)})
 
@@ -147,12 +149,17 @@ class SurprisalRunner:
             captured graphs and compiled layers, 64 callers with 16 workers 1.34 -> 1.01 s),
             ``True`` everywhere (on a CPU its slow exact stand-in: tests of the layout),
             ``False``: SDPA over the packed rows' block mask.
+        pool_kv: whether ITPC streams may keep their keys and values on the device between
+            window steps (:mod:`.kv_pool`; needs the variable-length attention): ``"auto"``
+            on CUDA devices; ``True`` on a CPU too (tests, with the exact stand-in).
+        pool_tokens: token slots of that pool (default: an eighth of the free GPU memory).
     """
 
     def __init__(self, model, lock: threading.RLock, *, max_tokens: int = 16384, max_rows: int = 64,
                  graphs: bool | str = "auto", pad_id: int = 0, max_positions: int | None = None,
                  max_padding: float | None | str = "auto", pack: bool | str = "auto",
-                 compile: bool | str = "auto", varlen: bool | str = "auto") -> None:
+                 compile: bool | str = "auto", varlen: bool | str = "auto", pool_kv: bool | str = "auto",
+                 pool_tokens: int | None = None) -> None:
         self.model = model
         self.lock = lock
         self.device = next(model.parameters()).device
@@ -169,6 +176,12 @@ class SurprisalRunner:
         self.pack = pack
         # installed before anything is compiled or captured: both bake the attention function in
         self.varlen = bool(varlen) and packed_attention.install(model, force=varlen is True)
+        # ITPC streams' keys and values kept on the device between window steps (kv_pool.py)
+        self.pool_kv = (self.device.type == "cuda") if pool_kv == "auto" else bool(pool_kv)
+        self.pool_tokens = pool_tokens
+        self._kv_pool: KVPool | None = None
+        self._pooled_graphs = True
+        self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)  # transformers: no mask to build
         if compile == "auto":
             compile = compile_available(self.device) and ("layers" if self.graphs else "cache-free")
         elif compile is True:
@@ -615,6 +628,161 @@ class SurprisalRunner:
             h = len(ids) // 2
             whole = torch.cat(self._run_split([ids[: h + 1]], [1]) + self._run_split([ids[h:]], [1]))
             return [whole[starts[0] - 1 :]]
+
+    # -- the pooled KV cache (see kv_pool.py) ------------------------------------------
+    @property
+    def pooling(self) -> bool:
+        """Whether ITPC streams may keep their keys and values in this runner's
+        :class:`~.kv_pool.KVPool` (variable-length attention installed, the gathered LM
+        head usable: probed on first use)."""
+        if not self.pool_kv or not self.varlen:
+            return False
+        return self._gathering()
+
+    def kv_pool(self) -> KVPool:
+        """The pool, made on first use: ``pool_tokens`` slots (default: an eighth of the free
+        device memory on a GPU, 64k tokens on a CPU)."""
+        with self.lock:
+            if self._kv_pool is None:
+                tokens = self.pool_tokens
+                if tokens is None:
+                    if self.device.type == "cuda":
+                        free, _ = torch.cuda.mem_get_info(self.device)
+                        tokens = free // 8 // KVPool.bytes_per_token(self.model)
+                    else:
+                        tokens = 65536
+                self._kv_pool = KVPool(self.model, int(tokens))
+            return self._kv_pool
+
+    def _pooled_loss(self, ids: torch.Tensor, pos: torch.Tensor, flat: torch.Tensor, meta: PooledPass) -> torch.Tensor:
+        """The decoder over laid-out new tokens (their streams' prefixes in the pool), the LM
+        head at ``flat`` alone. Runs uncompiled: the compiled layers do not know the pool."""
+        with uncompiled(self.model):
+            hidden = self.model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False,
+                                              attention_mask=self._no_mask, lingua_pooled=meta).last_hidden_state
+            picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
+            return token_surprisal(self.model.get_output_embeddings()(picked), ids.reshape(-1).index_select(0, flat + 1))
+
+    def _pooled_layout(self, items: list[tuple[int, int, torch.Tensor, int]], graphs: bool):
+        """Host side of a pooled pass: ids, position ids, write slots, gathered key slots,
+        boundaries and the flat indices of the scored positions, bucketed when ``graphs``."""
+        pool = self.kv_pool()
+        n = np.array([len(new) for _, _, new, _ in items], dtype=np.int64)
+        cached = np.array([c for _, c, _, _ in items], dtype=np.int64)
+        region = np.array([r for r, _, _, _ in items], dtype=np.int64)
+        firsts = np.array([f for _, _, _, f in items], dtype=np.int64)
+        total, keys = int(n.sum()), int((n + cached).sum())
+        begin = np.cumsum(n) - n
+        within = np.arange(total) - np.repeat(begin, n)
+        klen = n + cached
+        kbegin = np.cumsum(klen) - klen
+        scored = np.nonzero(within >= np.repeat(firsts, n))[0]
+        if graphs:
+            edges = _length_edges(None)
+            width = _bucket(total, edges)
+            kwidth = _bucket(keys, edges)
+            seqs = max(8, 1 << (len(items) - 1).bit_length())
+            longest = max(128, 1 << (int(n.max()) - 1).bit_length())
+            head = next(width // part for part in (8, 4, 2, 1) if len(scored) <= width // part)
+        else:
+            width, kwidth, seqs, longest, head = total, keys, len(items), int(n.max()), len(scored)
+        ids = np.full(width, self.pad_id, dtype=np.int64)
+        ids[:total] = torch.cat([new for _, _, new, _ in items]).numpy()
+        pos = np.zeros(width, dtype=np.int64)
+        pos[:total] = np.repeat(cached, n) + within
+        slots = np.full(width, pool.scratch, dtype=np.int64)
+        slots[:total] = np.repeat(region + cached, n) + within
+        gathered = np.full(kwidth, pool.scratch, dtype=np.int64)
+        gathered[:keys] = np.repeat(region, klen) + np.arange(keys) - np.repeat(kbegin, klen)
+        cu_q = np.full(seqs + 1, total, dtype=np.int32)
+        cu_q[: len(items)] = begin
+        cu_k = np.full(seqs + 1, keys, dtype=np.int32)
+        cu_k[: len(items)] = kbegin
+        flat = np.zeros(head, dtype=np.int64)
+        flat[: len(scored)] = scored - 1
+        longest_k = self.max_positions or max(int(klen.max()), 1)
+        sizes = (n - firsts).tolist()
+        return ((width, kwidth, seqs, longest, head, longest_k),
+                [torch.from_numpy(x) for x in (ids, pos, slots, gathered, cu_q, cu_k, flat)], sizes)
+
+    def _pooled_graph(self, key: tuple[int, ...]):
+        """The captured graph of a pooled pass's bucketed shape (None when capture fails)."""
+        hit = self._captured.get(("pooled", *key))
+        if hit is not None or not self.graphs:
+            return hit
+        width, kwidth, seqs, longest, head, longest_k = key
+        pool = self.kv_pool()
+        dev = self.device
+        ids = torch.full((1, width), self.pad_id, dtype=torch.long, device=dev)
+        pos = torch.zeros((1, width), dtype=torch.long, device=dev)
+        slots = torch.full((width,), pool.scratch, dtype=torch.long, device=dev)
+        keys = torch.full((kwidth,), pool.scratch, dtype=torch.long, device=dev)
+        cu_q = torch.zeros(seqs + 1, dtype=torch.int32, device=dev)
+        cu_k = torch.zeros(seqs + 1, dtype=torch.int32, device=dev)
+        flat = torch.zeros(head, dtype=torch.long, device=dev)
+        meta = PooledPass(pool, slots, keys, cu_q, cu_k, min(longest, width), longest_k)
+        try:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph, out = capture_graph(lambda: self._pooled_loss(ids, pos, flat, meta), dev, self._pool)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: pooled passes run eagerly
+            if _is_oom(exc):
+                raise
+            logger.warning("CUDA graph capture of pooled passes failed (%s); running them eagerly", exc)
+            self._pooled_graphs = False
+            return None
+        self._captured[("pooled", *key)] = hit = (graph, (ids, pos, slots, keys, cu_q, cu_k, flat), out)
+        return hit
+
+    @torch.inference_mode()
+    def pooled_surprisal(self, items: Sequence[tuple[int, int, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """Surprisals of ITPC streams whose prefixes are in the KV pool. Each item is
+        ``(region, cached, new, first)``: the stream's region, how many of its positions
+        the pool holds (later ones are overwritten), its next tokens, and the index in
+        ``new`` of the first token to score (at least 1: a token's score comes from the
+        position before it). Returns the surprisals of ``new[first:]`` for each item;
+        every item's keys and values are in the pool afterwards."""
+        items = [(int(r), int(c), torch.as_tensor(x, dtype=torch.long).reshape(-1), max(1, int(f)))
+                 for r, c, x, f in items]
+        results: list[torch.Tensor] = [torch.zeros(0)] * len(items)
+        chunk: list[int] = []
+        tokens = 0
+        launched = []
+        for i in list(range(len(items))) + [-1]:
+            n = len(items[i][2]) if i >= 0 else 0
+            if i >= 0 and (not chunk or (tokens + n <= self.max_tokens and len(chunk) < POOLED_SEQS)):
+                chunk.append(i)
+                tokens += n
+                continue
+            if chunk:
+                launched.append((chunk, self._launch_pooled([items[j] for j in chunk])))
+            chunk, tokens = [i], n
+        for chunk, (loss, sizes) in launched:
+            loss = loss.to("cpu")
+            for j, part in zip(chunk, loss[: sum(sizes)].split(sizes)):
+                results[j] = part
+        return results
+
+    def _launch_pooled(self, items: list[tuple[int, int, torch.Tensor, int]]):
+        graphs = self.graphs and self._pooled_graphs
+        key, host, sizes = self._pooled_layout(items, graphs)
+        with self.lock:
+            captured = self._pooled_graph(key) if graphs else None
+            if captured is not None:
+                graph, static, out = captured
+                for dst, src in zip(static, host):
+                    dst.copy_(src.view(dst.shape), non_blocking=True)
+                graph.replay()
+                loss = out.clone()
+            else:
+                ids, pos, slots, keys, cu_q, cu_k, flat = (x.to(self.device) for x in host)
+                meta = PooledPass(self.kv_pool(), slots, keys, cu_q, cu_k, key[3], key[5])
+                loss = self._pooled_loss(ids.view(1, -1), pos.view(1, -1), flat, meta)
+            self.forward_passes += 1
+            self.positions_run += key[0]
+            self.head_positions += key[4]
+            self.tokens_run += sum(len(x) for _, _, x, _ in items)
+        return loss, sizes
 
     @torch.inference_mode()
     def surprisal(self, seqs: Sequence[Sequence[int] | torch.Tensor], max_rows: int | None = None,

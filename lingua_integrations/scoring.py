@@ -94,6 +94,27 @@ class CausalScorer:
             return q.runner.surprisal(seqs, max_rows=self.batch_size, starts=starts)
         return q.surprisal(seqs, starts)
 
+    # -- streams with a pooled KV cache (kv_pool.py) ------------------------------
+    @property
+    def pooled(self) -> bool:
+        """Whether ITPC streams keep their KV cache in the device pool between window steps
+        (only where windows would otherwise be rescored from scratch)."""
+        return not self.kv_cache and bool(getattr(self.loaded.scoring_queue(), "pooling", False))
+
+    def pool_allocate(self, n: int) -> int | None:
+        """A pool region for a stream of ``n`` tokens (None: no room, score from scratch)."""
+        return self.loaded.scoring_queue().allocate(n)
+
+    def pool_release(self, region: int) -> None:
+        self.loaded.scoring_queue().release(region)
+
+    def pooled_surprisal(self, items: Sequence[tuple[int, int, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """Surprisals of pooled streams' next tokens (see
+        :meth:`~.runner.SurprisalRunner.pooled_surprisal`), batched with concurrent callers
+        on a GPU."""
+        q = self.loaded.scoring_queue()
+        return q.pooled_surprisal(items) if self.use_queue else q.runner.pooled_surprisal(items)
+
     @torch.inference_mode()
     def surprisal(self, ids: torch.Tensor, cache: Any = None, cached: int = 0,
                   first: int | None = None) -> tuple[torch.Tensor, Any]:

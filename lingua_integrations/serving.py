@@ -40,11 +40,12 @@ logger = logging.getLogger(__name__)
 
 
 class _Request:
-    __slots__ = ("seqs", "starts", "done", "result", "error")
+    __slots__ = ("seqs", "starts", "pooled", "done", "result", "error")
 
-    def __init__(self, seqs: list[torch.Tensor], starts: list[int]) -> None:
+    def __init__(self, seqs: list[torch.Tensor], starts: list[int], pooled: list[tuple] | None = None) -> None:
         self.seqs = seqs
         self.starts = starts
+        self.pooled = pooled  # items for SurprisalRunner.pooled_surprisal (then seqs is empty)
         self.done = threading.Event()
         self.result: list[torch.Tensor] | None = None
         self.error: BaseException | None = None
@@ -149,8 +150,31 @@ class ScoringQueue:
             return []
         if starts is not None and len(starts) != len(seqs):
             raise ValueError(f"{len(starts)} starts given for {len(seqs)} sequences")
-        request = _Request([torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in seqs],
-                           [1] * len(seqs) if starts is None else [int(st) for st in starts])
+        return self._submit(_Request([torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in seqs],
+                                     [1] * len(seqs) if starts is None else [int(st) for st in starts]))
+
+    # -- streams with their keys and values in the runner's pool ---------------------
+    @property
+    def pooling(self) -> bool:
+        """Whether ITPC streams may keep their KV cache in the runner's pool."""
+        return self.runner.pooling
+
+    def allocate(self, n: int) -> int | None:
+        """A pool region of ``n`` slots, or None (no room: score from scratch)."""
+        return self.runner.kv_pool().allocate(n)
+
+    def release(self, region: int) -> None:
+        self.runner.kv_pool().release(region)
+
+    def pooled_surprisal(self, items: Sequence[tuple[int, int, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """Like :meth:`SurprisalRunner.pooled_surprisal`, in one pass with whatever other
+        callers' streams ask now."""
+        if not items:
+            return []
+        return self._submit(_Request([], [], [(int(r), int(c), torch.as_tensor(x, dtype=torch.long).reshape(-1),
+                                               int(f)) for r, c, x, f in items]))
+
+    def _submit(self, request: _Request) -> list[torch.Tensor]:
         self._queue.put(request)
         self._ensure_worker()  # after the put: a worker that is exiting checks the queue under the lock
         request.done.wait()
@@ -167,7 +191,7 @@ class ScoringQueue:
                 self._worker.start()
 
     def _gather(self, first: _Request) -> list[_Request]:
-        batch, tokens = [first], sum(len(s) for s in first.seqs)
+        batch, tokens = [first], _tokens(first)
         deadline = time.monotonic() + self.max_wait
         while tokens < self.max_tokens:
             try:
@@ -183,7 +207,7 @@ class ScoringQueue:
                 except queue.Empty:
                     break
             batch.append(nxt)
-            tokens += sum(len(s) for s in nxt.seqs)
+            tokens += _tokens(nxt)
         return batch
 
     def _serve(self) -> None:
@@ -199,17 +223,35 @@ class ScoringQueue:
             batch = self._gather(first)
             self.rounds += 1
             self.requests += len(batch)
-            try:
-                flat = self.runner.surprisal([s for r in batch for s in r.seqs],
-                                             starts=[st for r in batch for st in r.starts])
-                pos = 0
-                for r in batch:
-                    r.result, pos = flat[pos : pos + len(r.seqs)], pos + len(r.seqs)
-            except BaseException:  # noqa: BLE001 - isolate the request that fails
-                for r in batch:
-                    try:
-                        r.result = self.runner.surprisal(r.seqs, starts=r.starts)
-                    except BaseException as exc:  # noqa: BLE001 - delivered to its caller
-                        r.error = exc
+            for group in ([r for r in batch if r.pooled is None], [r for r in batch if r.pooled is not None]):
+                if group:
+                    self._run(group)
             for r in batch:
                 r.done.set()
+
+    def _score(self, requests: list[_Request]) -> list[torch.Tensor]:
+        if requests[0].pooled is not None:
+            return self.runner.pooled_surprisal([item for r in requests for item in r.pooled])
+        return self.runner.surprisal([s for r in requests for s in r.seqs],
+                                     starts=[st for r in requests for st in r.starts])
+
+    def _run(self, batch: list[_Request]) -> None:
+        """One device round for requests of one kind; a failure is retried request by request."""
+        try:
+            flat = self._score(batch)
+            pos = 0
+            for r in batch:
+                n = len(r.pooled) if r.pooled is not None else len(r.seqs)
+                r.result, pos = flat[pos : pos + n], pos + n
+        except BaseException:  # noqa: BLE001 - isolate the request that fails
+            for r in batch:
+                try:
+                    r.result = self._score([r])
+                except BaseException as exc:  # noqa: BLE001 - delivered to its caller
+                    r.error = exc
+
+
+def _tokens(request: _Request) -> int:
+    if request.pooled is not None:
+        return sum(len(x) for _, _, x, _ in request.pooled)
+    return sum(len(s) for s in request.seqs)

@@ -16,8 +16,9 @@ workers' requests and returns the surprisals. A call's arguments, its requests a
 result cross the process boundary pickled (a few kilobytes a request).
 
 Workers serve the LLMLingua and LongLLMLingua methods of a small LM (the model's ITPC
-windows are rescored from scratch in shared batches, so no state lives on the device
-between requests). A model over 1B parameters extends a KV cache on the device window
+windows go in shared batches: rescored from scratch, or, where the runner keeps a pooled
+KV cache (:mod:`.kv_pool`), continued from a region of the pool that this process
+allocates for the worker's call and takes back when the call ends, however it ends). A model over 1B parameters extends a KV cache on the device window
 by window, which a worker cannot hold, and its calls are bound by device arithmetic
 anyway; LLMLingua-2 and the drop-in ``PromptCompressor`` run in the calling thread.
 
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_DEVICE_REQUESTS = ("surprisal", "pooled", "allocate", "release")
 START_TIMEOUT = 300.0  # seconds for a worker to import torch and transformers and report ready
 
 
@@ -64,6 +66,7 @@ class _Spec:
     model_name: str
     engine_settings: dict[str, Any]
     started: float  # the parent's time.time() at start (the worker reports its start-up time)
+    pooling: bool = False  # ITPC streams keep their KV caches in the parent's device pool
 
 
 class WorkerError(RuntimeError):
@@ -87,19 +90,35 @@ class _RemoteQueue:
     """A worker's stand-in for the model's :class:`~.serving.ScoringQueue`: each request
     goes to the parent process, which scores it with the other workers' requests."""
 
-    def __init__(self, conn) -> None:
+    def __init__(self, conn, pooling: bool = False) -> None:
         self.conn = conn
+        self.pooling = pooling  # the parent's runner keeps ITPC streams' KV caches in its pool
 
     def session(self):
         return contextlib.nullcontext()  # the parent holds the session for this call
 
+    def _ask(self, kind: str, body: Any) -> Any:
+        self.conn.send((kind, body))
+        reply, payload = self.conn.recv()
+        if reply == "error":
+            raise payload
+        return payload
+
     def surprisal(self, seqs, starts=None) -> list[torch.Tensor]:
         arrays = [np.asarray(torch.as_tensor(s, dtype=torch.long).reshape(-1)) for s in seqs]
-        self.conn.send(("surprisal", (arrays, None if starts is None else [int(st) for st in starts])))
-        kind, payload = self.conn.recv()
-        if kind == "error":
-            raise payload
+        payload = self._ask("surprisal", (arrays, None if starts is None else [int(st) for st in starts]))
         return [torch.from_numpy(a) for a in payload]
+
+    def allocate(self, n: int) -> int | None:
+        return self._ask("allocate", int(n))
+
+    def release(self, region: int) -> None:
+        self._ask("release", int(region))
+
+    def pooled_surprisal(self, items) -> list[torch.Tensor]:
+        body = [(int(r), int(c), np.asarray(torch.as_tensor(x, dtype=torch.long).reshape(-1)), int(f))
+                for r, c, x, f in items]
+        return [torch.from_numpy(a) for a in self._ask("pooled", body)]
 
 
 def _host_engine(spec: _Spec, conn) -> "CompressionEngine":
@@ -115,7 +134,7 @@ def _host_engine(spec: _Spec, conn) -> "CompressionEngine":
     with torch.device("meta"):
         model = spec.model_class(spec.config)
     loaded = LoadedModel(spec.model_name, "", model, spec.tokenizer, spec.device, spec.dtype)
-    loaded._queue = _RemoteQueue(conn)
+    loaded._queue = _RemoteQueue(conn, spec.pooling)
     engine = CompressionEngine.__new__(CompressionEngine)
     engine._configure(spec.model_name, device=spec.device, dtype=spec.dtype, **spec.engine_settings)
     # the parent's queue path: windows rescored from scratch, every request through the queue
@@ -201,7 +220,7 @@ class HostWorkers:
                 "process and workers would not make them faster: call engine.compress from threads instead")
         loaded = scorer.loaded
         spec = _Spec(type(loaded.model), loaded.model.config, loaded.tokenizer, loaded.device, loaded.dtype,
-                     loaded.name, engine._settings(), time.time())
+                     loaded.name, engine._settings(), time.time(), bool(loaded.scoring_queue().pooling))
         try:
             blob = pickle.dumps(spec)  # once, for every worker (a tokenizer: megabytes)
         except Exception as exc:  # noqa: BLE001
@@ -289,6 +308,7 @@ class HostWorkers:
             except OSError:  # it died while idle: nothing of this call reached it, try another
                 self._retire(w)
         finished = False
+        regions: set[int] = set()  # pool regions this call holds (given back if it dies holding them)
         try:
             while True:
                 try:
@@ -296,11 +316,9 @@ class HostWorkers:
                 except (EOFError, OSError) as exc:
                     raise RuntimeError(f"host worker {w.process.name} died (exit code {w.process.exitcode}) "
                                        "during this call; the engine stops using it") from exc
-                if what == "surprisal":
+                if what in _DEVICE_REQUESTS:
                     try:
-                        arrays, starts = body
-                        losses = self.queue.surprisal([torch.from_numpy(a) for a in arrays], starts)
-                        reply = ("ok", [r.numpy() for r in losses])
+                        reply = ("ok", self._serve_request(what, body, regions))
                     except BaseException as exc:  # noqa: BLE001 - the worker raises it in its call
                         reply = ("error", _portable(exc))
                     w.conn.send(reply)
@@ -310,10 +328,29 @@ class HostWorkers:
                     raise body
                 return body
         finally:
+            for region in regions:
+                self.queue.release(region)
             if finished:
                 self._idle.put(w)
             else:  # mid-conversation (died, interrupted): the worker's state is unknown
                 self._retire(w)
+
+    def _serve_request(self, what: str, body: Any, regions: set[int]) -> Any:
+        """A worker's device request, answered from this process's queue and pool."""
+        if what == "surprisal":
+            arrays, starts = body
+            return [r.numpy() for r in self.queue.surprisal([torch.from_numpy(a) for a in arrays], starts)]
+        if what == "pooled":
+            items = [(r, c, torch.from_numpy(x), f) for r, c, x, f in body]
+            return [r.numpy() for r in self.queue.pooled_surprisal(items)]
+        if what == "allocate":
+            region = self.queue.allocate(body)
+            if region is not None:
+                regions.add(region)
+            return region
+        regions.discard(body)  # "release"
+        self.queue.release(body)
+        return None
 
     def _retire(self, w: _Worker) -> None:
         with self._lock:
