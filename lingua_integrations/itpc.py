@@ -133,10 +133,12 @@ class _Stream:
         self.cached = max(0, min(self.cached, keep - self.offset))
 
     def keep(self, mask: torch.Tensor) -> None:
-        if self.region is not None:  # the pool holds positions before the first dropped token still
+        if self.region is not None:  # the pool's positions before the first dropped token stay valid
             dropped = (~mask).nonzero()
             if len(dropped):
-                self.cached = min(self.cached, int(dropped[0]))
+                # with the reference's alignment (shift 0) the position before a drop holds the
+                # score of the token after it, which is now another token: that position reruns too
+                self.cached = min(self.cached, max(0, int(dropped[0]) - 1 + self.shift))
         self.ids = self.ids[mask]
         self.v = self.v[mask]
 
