@@ -127,6 +127,7 @@ def _stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Ten
     return out
 
 
+@torch.compiler.disable  # compiled layers break around it: the pool's layer index must not specialise them
 def pooled_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      meta: PooledPass, scaling: float | None, flash: bool) -> torch.Tensor:
     """One layer of a pooled pass: ``query``/``key``/``value`` of the laid-out new tokens

@@ -181,6 +181,7 @@ class SurprisalRunner:
         self.pool_tokens = pool_tokens
         self._kv_pool: KVPool | None = None
         self._pooled_graphs = True
+        self._pool_compiled = True  # pooled passes through the compiled layers (off after a failure)
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)  # transformers: no mask to build
         if compile == "auto":
             compile = compile_available(self.device) and ("layers" if self.graphs else "cache-free")
@@ -656,8 +657,9 @@ class SurprisalRunner:
 
     def _pooled_loss(self, ids: torch.Tensor, pos: torch.Tensor, flat: torch.Tensor, meta: PooledPass) -> torch.Tensor:
         """The decoder over laid-out new tokens (their streams' prefixes in the pool), the LM
-        head at ``flat`` alone. Runs uncompiled: the compiled layers do not know the pool."""
-        with uncompiled(self.model):
+        head at ``flat`` alone. Through the compiled layers (the pooled attention itself is
+        left out of them) until that fails once, then uncompiled."""
+        with contextlib.nullcontext() if self._pool_compiled else uncompiled(self.model):
             hidden = self.model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False,
                                               attention_mask=self._no_mask, lingua_pooled=meta).last_hidden_state
             picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
@@ -721,13 +723,22 @@ class SurprisalRunner:
         cu_k = torch.zeros(seqs + 1, dtype=torch.int32, device=dev)
         flat = torch.zeros(head, dtype=torch.long, device=dev)
         meta = PooledPass(pool, slots, keys, cu_q, cu_k, min(longest, width), longest_k)
+        compiled_now = bool(self.compile) and self._pool_compiled
         try:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph, out = capture_graph(lambda: self._pooled_loss(ids, pos, flat, meta), dev, self._pool)
+            if compiled_now:  # compile before the capture: compiling while capturing fails
+                self._pooled_loss(ids, pos, flat, meta)
+                torch.cuda.synchronize(dev)
+            with no_recompiling() if compiled_now else contextlib.nullcontext():
+                graph, out = capture_graph(lambda: self._pooled_loss(ids, pos, flat, meta), dev, self._pool)
         except Exception as exc:  # noqa: BLE001 - any capture failure: pooled passes run eagerly
             if _is_oom(exc):
                 raise
+            if compiled_now:
+                logger.warning("pooled passes through the compiled layers failed (%s); running them uncompiled", exc)
+                self._pool_compiled = False
+                return self._pooled_graph(key)
             logger.warning("CUDA graph capture of pooled passes failed (%s); running them eagerly", exc)
             self._pooled_graphs = False
             return None
@@ -777,7 +788,14 @@ class SurprisalRunner:
             else:
                 ids, pos, slots, keys, cu_q, cu_k, flat = (x.to(self.device) for x in host)
                 meta = PooledPass(self.kv_pool(), slots, keys, cu_q, cu_k, key[3], key[5])
-                loss = self._pooled_loss(ids.view(1, -1), pos.view(1, -1), flat, meta)
+                try:
+                    loss = self._pooled_loss(ids.view(1, -1), pos.view(1, -1), flat, meta)
+                except Exception as exc:  # noqa: BLE001 - compiled: rerun uncompiled (the writes repeat alike)
+                    if _is_oom(exc) or not (self.compile and self._pool_compiled):
+                        raise
+                    logger.warning("pooled passes through the compiled layers failed (%s); running them uncompiled", exc)
+                    self._pool_compiled = False
+                    loss = self._pooled_loss(ids.view(1, -1), pos.view(1, -1), flat, meta)
             self.forward_passes += 1
             self.positions_run += key[0]
             self.head_positions += key[4]
