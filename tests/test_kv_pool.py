@@ -125,3 +125,29 @@ def test_workers_hold_pool_regions_for_their_calls_only(pooled, cases):
     assert via.compressed_prompt == here.compressed_prompt
     assert engine.loaded.scoring_queue().requests > requests  # scored here, for the worker
     assert runner.kv_pool().in_use == 0
+
+
+def test_a_bucketed_pass_pads_without_touching_the_streams(pooled, nq_rows):
+    """What a captured graph runs: the layout padded to bucketed sizes (padding tokens
+    write to the scratch slot, empty sequences fill the boundary lists, the head's index
+    list is padded) gives the surprisals of the exact layout."""
+    from lingua_integrations.kv_pool import PooledPass
+
+    engine, runner = pooled
+    seqs = [torch.tensor(engine.tokenizer(nq_rows[k]["text"]).input_ids[:n]) for k, n in ((7, 130), (8, 61), (9, 97))]
+    pool = runner.kv_pool()
+    regions = [pool.allocate(len(s)) for s in seqs]
+    try:
+        runner.pooled_surprisal([(r, 0, s[:40], 1) for r, s in zip(regions, seqs)])
+        items = [(r, 40, s[40:], 3) for r, s in zip(regions, seqs)]
+        key, host, sizes = runner._pooled_layout(items, graphs=True)
+        width, _, lists, _, head, _ = key
+        assert width > sum(len(x) for _, _, x, _ in items) and lists == 8 and head >= sum(sizes)
+        ids, pos, slots, keys, cu_q, cu_k, flat = host
+        padded = runner._pooled_loss(ids.view(1, -1), pos.view(1, -1), flat,
+                                     PooledPass(pool, slots, keys, cu_q, cu_k, key[3], key[5]))
+        exact = runner.pooled_surprisal(items)  # the same new tokens again: the same keys rewritten
+    finally:
+        for r in regions:
+            pool.release(r)
+    torch.testing.assert_close(padded[: sum(sizes)], torch.cat(exact), atol=1e-4, rtol=1e-4)
