@@ -182,6 +182,7 @@ class SurprisalRunner:
         self._kv_pool: KVPool | None = None
         self._pooled_graphs = True
         self._pool_compiled = True  # pooled passes through the compiled layers (off after a failure)
+        self._pool_ok: bool | None = None  # probe result (None: not probed yet)
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)  # transformers: no mask to build
         if compile == "auto":
             compile = compile_available(self.device) and ("layers" if self.graphs else "cache-free")
@@ -636,9 +637,41 @@ class SurprisalRunner:
         """Whether ITPC streams may keep their keys and values in this runner's
         :class:`~.kv_pool.KVPool` (variable-length attention installed, the gathered LM
         head usable: probed on first use)."""
-        if not self.pool_kv or not self.varlen:
+        if not self.pool_kv or not self.varlen or not self._gathering():
             return False
-        return self._gathering()
+        if self._pool_ok is None:
+            self._pool_ok = self._probe_pool()
+        return self._pool_ok
+
+    def _probe_pool(self) -> bool:
+        """Do two pooled steps (the second's queries attending to the first's keys in the
+        pool, beside another stream) give the surprisals of the whole sequence? A kernel
+        that aligned its causal mask at the start when queries are fewer than keys would not."""
+        vocab = int(getattr(getattr(self.model, "config", None), "vocab_size", 0) or 1000)
+        a = (torch.arange(40) * 7 + 11) % vocab
+        b = (torch.arange(20) * 5 + 301) % vocab
+        try:
+            pool = self.kv_pool()
+            ra, rb = pool.allocate(len(a)), pool.allocate(len(b))
+            if ra is None or rb is None:
+                return False
+            try:
+                first = self.pooled_surprisal([(ra, 0, a[:25], 1), (rb, 0, b, 1)])
+                second = self.pooled_surprisal([(ra, 25, a[25:], 1)])[0]
+            finally:
+                pool.release(ra)
+                pool.release(rb)
+            with self.lock:
+                want = [self._loss(x.unsqueeze(0).to(self.device))[0].float().cpu() for x in (a, b)]
+        except Exception as exc:  # noqa: BLE001 - any failure: windows rescored from scratch
+            logger.info("pooled KV cache not usable with this model (%s); rescoring windows from scratch", exc)
+            return False
+        got = torch.cat([first[0], second]).float()
+        ok = (self._agrees(got, torch.cat([want[0][:24], want[0][25:]]))
+              and self._agrees(first[1].float(), want[1]))
+        if not ok:
+            logger.info("pooled window steps disagree with whole-sequence surprisals; rescoring windows from scratch")
+        return ok
 
     def kv_pool(self) -> KVPool:
         """The pool, made on first use: ``pool_tokens`` slots (default: an eighth of the free

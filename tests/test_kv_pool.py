@@ -151,3 +151,32 @@ def test_a_bucketed_pass_pads_without_touching_the_streams(pooled, nq_rows):
         for r in regions:
             pool.release(r)
     torch.testing.assert_close(padded[: sum(sizes)], torch.cat(exact), atol=1e-4, rtol=1e-4)
+
+
+def test_the_probe_turns_the_pool_off_where_queries_are_misaligned(pooled, monkeypatch):
+    """A kernel whose causal mask, with fewer queries than keys, starts at the first key
+    (the second step's queries then see only the first keys) fails the probe, and windows
+    are rescored from scratch instead."""
+    from lingua_integrations import kv_pool
+
+    _, runner = pooled
+    runner._pool_ok = None
+    assert runner.pooling  # the exact stand-in passes
+    exact = kv_pool._stand_in
+
+    def start_aligned(q, k, v, cu_q, cu_k, scale):
+        ends = cu_k.clone()
+        ends[1:] = torch.minimum(cu_k[1:], cu_k[:-1] + (cu_q[1:] - cu_q[:-1]))  # keys cut to the queries' count
+        out = torch.zeros_like(q)
+        for (a, b), (c, _) in zip(zip(cu_q.tolist(), cu_q.tolist()[1:]), zip(cu_k.tolist(), ends.tolist()[1:])):
+            if b > a:
+                out[a:b] = exact(q[a:b], k[c : c + b - a], v[c : c + b - a], torch.tensor([0, b - a]),
+                                 torch.tensor([0, b - a]), scale)
+        return out
+
+    monkeypatch.setattr(kv_pool, "_stand_in", start_aligned)
+    runner._pool_ok = None
+    try:
+        assert not runner.pooling
+    finally:
+        runner._pool_ok = None
