@@ -25,6 +25,8 @@ import logging
 
 import torch
 
+from .kv_pool import pooled_attention
+
 logger = logging.getLogger(__name__)
 
 NAME = "lingua_packed"
@@ -61,8 +63,6 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     Without: transformers' SDPA function, unchanged."""
     pooled = kwargs.get("lingua_pooled")
     if pooled is not None:  # a pass over new tokens with their streams' keys in the KV pool
-        from .kv_pool import pooled_attention
-
         return pooled_attention(module, query, key, value, pooled, scaling, flash_available(query.device, query.dtype)), None
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
