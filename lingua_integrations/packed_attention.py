@@ -13,7 +13,8 @@ How it plugs in: :func:`install` registers :func:`packed_attention` with transfo
 ``cu_seq_lens_q`` (transformers' own keyword for packed sequences, handed down to every
 attention layer) gets the variable-length kernel; every other forward (KV-cache windows,
 right-padded batches, probes) gets transformers' SDPA function with the same mask as before,
-so nothing else changes.
+so nothing else changes. A forward that passes ``lingua_pooled`` (a pooled pass of ITPC
+window steps, :mod:`.kv_pool`) attends to its streams' keys in the KV pool instead.
 
 ``cu_seqlens`` may end in repeats of the total (empty sequences): captured graphs keep a
 fixed-size boundary list per shape, filled to its end that way.
