@@ -264,7 +264,11 @@ def iterative_compress(
     n0 = len(ids_t)
     shift = 0 if reference else 1
     main = _Stream(scorer, ids_t, shift)
-    plain = _Stream(scorer, ids_t[start:], shift) if contrastive else None
+    try:
+        plain = _Stream(scorer, ids_t[start:], shift) if contrastive else None
+    except BaseException:
+        main.close()  # its static cache or pool region goes back
+        raise
     forced = force_keep.clone().bool() if force_keep is not None else torch.zeros(n0, dtype=torch.bool)
     preferred = priority.clone().bool() if priority is not None else torch.zeros(n0, dtype=torch.bool)
 
