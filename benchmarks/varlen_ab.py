@@ -43,8 +43,8 @@ def pool_check(runner, ids: torch.Tensor) -> float:
         b = runner.pooled_surprisal([(region, cut, ids[cut:], 1)])[0]
     finally:
         pool.release(region)
-    whole = runner.surprisal([ids])[0]
-    return float((torch.cat([a, b]) - whole).abs().max())
+    whole = runner.surprisal([ids])[0]  # tokens 1 .. n-1; the second step scores from token cut+1
+    return float((torch.cat([a, b]) - torch.cat([whole[: cut - 1], whole[cut:]])).abs().max())
 
 
 def main() -> None:
