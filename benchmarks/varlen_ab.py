@@ -8,6 +8,7 @@ compressed prompt (same hash: same output), and the 64-caller case (threads, 16 
 
 ``--no-pool`` turns off the pooled KV cache of ITPC window steps (:mod:`lingua_integrations.kv_pool`,
 which needs ``--varlen``): ``--varlen --no-pool`` against ``--varlen`` is that A/B.
+``--pool-eager`` runs the pooled passes outside the compiled layers.
 ``--prompts=FILE`` writes each single call's compressed prompt there (JSON), for a kept-word
 F1 between two settings whose hashes differ.
 
@@ -58,6 +59,8 @@ def main() -> None:
         speed.build_causal(speed.SHAPES[shape], tok, shape)
         pc = PromptCompressor(shape, device_map="cuda")
         runner = pc.engine.loaded.scoring_queue().runner
+        if "--pool-eager" in sys.argv:  # pooled passes outside the compiled layers
+            runner._pool_compiled = False
         res[shape + " varlen"] = runner.varlen
         res[shape + " pooled"] = pc.engine.scorer.pooled
         if res[shape + " pooled"]:

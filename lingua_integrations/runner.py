@@ -716,9 +716,11 @@ class SurprisalRunner:
             edges = _length_edges(None)
             width = _bucket(total, edges)
             kwidth = _bucket(keys, edges)
-            seqs = max(8, 1 << (len(items) - 1).bit_length())
-            longest = max(128, 1 << (int(n.max()) - 1).bit_length())
-            head = next(width // part for part in (8, 4, 2, 1) if len(scored) <= width // part)
+            # few graph shapes (each is captured once, and capturing while callers wait costs them):
+            # coarse buckets for everything but the token counts
+            seqs = next(b for b in (16, 64, POOLED_SEQS) if len(items) <= b)
+            longest = next((b for b in (512, 2048) if int(n.max()) <= b), max(int(n.max()), self.max_positions or 0))
+            head = width // 2 if len(scored) <= width // 2 else width
         else:
             width, kwidth, seqs, longest, head = total, keys, len(items), int(n.max()), len(scored)
         ids = np.full(width, self.pad_id, dtype=np.int64)

@@ -142,7 +142,7 @@ def test_a_bucketed_pass_pads_without_touching_the_streams(pooled, nq_rows):
         items = [(r, 40, s[40:], 3) for r, s in zip(regions, seqs)]
         key, host, sizes = runner._pooled_layout(items, graphs=True)
         width, _, lists, _, head, _ = key
-        assert width > sum(len(x) for _, _, x, _ in items) and lists == 8 and head >= sum(sizes)
+        assert width > sum(len(x) for _, _, x, _ in items) and lists == 16 and head >= sum(sizes)
         ids, pos, slots, keys, cu_q, cu_k, flat = host
         padded = runner._pooled_loss(ids.view(1, -1), pos.view(1, -1), flat,
                                      PooledPass(pool, slots, keys, cu_q, cu_k, key[3], key[5]))
