@@ -20,8 +20,10 @@ On a CPU the same pass runs through an exact per-sequence SDPA stand-in (tests).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -127,12 +129,31 @@ def _stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Ten
     return out
 
 
+_active: PooledPass | None = None  # the pooled pass running now (set under the model's lock)
+
+
+@contextlib.contextmanager
+def active(meta: PooledPass) -> Iterator[None]:
+    """Run a forward as the pooled pass ``meta``. The forward itself carries only the
+    constant keyword ``lingua_pooled=True``: compiled layers guard on their keywords, and
+    one object per captured shape would recompile them at every new shape."""
+    global _active
+    _active = meta
+    try:
+        yield
+    finally:
+        _active = None
+
+
 @torch.compiler.disable  # compiled layers break around it: the pool's layer index must not specialise them
 def pooled_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     meta: PooledPass, scaling: float | None, flash: bool) -> torch.Tensor:
-    """One layer of a pooled pass: ``query``/``key``/``value`` of the laid-out new tokens
-    ``(1, heads, tokens, dim)``; writes their keys and values to the pool, attends each
-    sequence's queries to its gathered keys; returns ``(1, tokens, heads, dim)``."""
+                     scaling: float | None, flash: bool) -> torch.Tensor:
+    """One layer of the active pooled pass: ``query``/``key``/``value`` of the laid-out new
+    tokens ``(1, heads, tokens, dim)``; writes their keys and values to the pool, attends
+    each sequence's queries to its gathered keys; returns ``(1, tokens, heads, dim)``."""
+    meta = _active
+    if meta is None:
+        raise RuntimeError("a pooled attention call outside a pooled pass (kv_pool.active)")
     layer = int(module.layer_idx)
     _, heads, width, dim = query.shape
     q = query[0].transpose(0, 1)

@@ -13,7 +13,7 @@ How it plugs in: :func:`install` registers :func:`packed_attention` with transfo
 ``cu_seq_lens_q`` (transformers' own keyword for packed sequences, handed down to every
 attention layer) gets the variable-length kernel; every other forward (KV-cache windows,
 right-padded batches, probes) gets transformers' SDPA function with the same mask as before,
-so nothing else changes. A forward that passes ``lingua_pooled`` (a pooled pass of ITPC
+so nothing else changes. A forward that passes ``lingua_pooled=True`` (a pooled pass of ITPC
 window steps, :mod:`.kv_pool`) attends to its streams' keys in the KV pool instead.
 
 ``cu_seqlens`` may end in repeats of the total (empty sequences): captured graphs keep a
@@ -62,9 +62,8 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     With ``cu_seq_lens_q`` (flat boundaries of the packed sequences, over rows × width
     positions) and ``max_length_q``: each sequence attends causally to itself alone.
     Without: transformers' SDPA function, unchanged."""
-    pooled = kwargs.get("lingua_pooled")
-    if pooled is not None:  # a pass over new tokens with their streams' keys in the KV pool
-        return pooled_attention(module, query, key, value, pooled, scaling, flash_available(query.device, query.dtype)), None
+    if kwargs.get("lingua_pooled"):  # a pass over new tokens with their streams' keys in the KV pool
+        return pooled_attention(module, query, key, value, scaling, flash_available(query.device, query.dtype)), None
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from . import packed_attention
+from . import kv_pool
 from .kv_pool import KVPool, PooledPass
 from .compilation import compile_available, compile_regions, compiled, no_recompiling, uncompiled
 
@@ -692,9 +693,9 @@ class SurprisalRunner:
         """The decoder over laid-out new tokens (their streams' prefixes in the pool), the LM
         head at ``flat`` alone. Through the compiled layers (the pooled attention itself is
         left out of them) until that fails once, then uncompiled."""
-        with contextlib.nullcontext() if self._pool_compiled else uncompiled(self.model):
+        with contextlib.nullcontext() if self._pool_compiled else uncompiled(self.model), kv_pool.active(meta):
             hidden = self.model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False,
-                                              attention_mask=self._no_mask, lingua_pooled=meta).last_hidden_state
+                                              attention_mask=self._no_mask, lingua_pooled=True).last_hidden_state
             picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
             return token_surprisal(self.model.get_output_embeddings()(picked), ids.reshape(-1).index_select(0, flat + 1))
 
