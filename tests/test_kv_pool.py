@@ -100,12 +100,16 @@ def test_the_drop_in_compresses_through_the_pool_as_with_the_dynamic_cache(poole
     assert pc.engine.loaded is engine.loaded  # one model per process: the pool switched on above
     docs, question = cases[0]
     outs = []
-    for kv in (True, False):
-        pc.engine.scorer.kv_cache = kv
-        outs.append([pc.compress_prompt(docs, rate=0.35)["compressed_prompt"],
-                     pc.compress_prompt(docs, question=question, rate=0.35, condition_in_question="after_condition",
-                                        condition_compare=True, rank_method="longllmlingua",
-                                        reorder_context="sort")["compressed_prompt"]])
+    saved = pc.engine.scorer.kv_cache  # the drop-in's engine is the process's shared one: put it back
+    try:
+        for kv in (True, False):
+            pc.engine.scorer.kv_cache = kv
+            outs.append([pc.compress_prompt(docs, rate=0.35)["compressed_prompt"],
+                         pc.compress_prompt(docs, question=question, rate=0.35, condition_in_question="after_condition",
+                                            condition_compare=True, rank_method="longllmlingua",
+                                            reorder_context="sort")["compressed_prompt"]])
+    finally:
+        pc.engine.scorer.kv_cache = saved
     assert outs[0] == outs[1]
     assert runner.kv_pool().in_use == 0
 
