@@ -743,7 +743,7 @@ class SurprisalRunner:
         flat = np.zeros(head, dtype=np.int64)
         flat[: len(scored)] = scored - 1
         longest_k = self.max_positions or max(int(klen.max()), 1)
-        sizes = (n - firsts).tolist()
+        sizes = np.maximum(n - firsts, 0).tolist()  # an item whose first is past its end scores nothing
         return ((width, kwidth, seqs, longest, head, longest_k),
                 [torch.from_numpy(x) for x in (ids, pos, slots, gathered, cu_q, cu_k, flat)], sizes)
 
@@ -815,6 +815,9 @@ class SurprisalRunner:
         return results
 
     def _launch_pooled(self, items: list[tuple[int, int, torch.Tensor, int]]):
+        """Start one pooled pass (a captured graph of its bucketed shape where graphs are
+        on): ``(loss on the device, scored tokens per item)``; the loss is read later, so
+        the next pass is laid out while this one runs."""
         graphs = self.graphs and self._pooled_graphs
         key, host, sizes = self._pooled_layout(items, graphs)
         with self.lock:
