@@ -106,6 +106,7 @@ class CausalScorer:
         return self.loaded.scoring_queue().allocate(n)
 
     def pool_release(self, region: int) -> None:
+        """Give a stream's pool region back."""
         self.loaded.scoring_queue().release(region)
 
     def pooled_surprisal(self, items: Sequence[tuple[int, int, torch.Tensor, int]]) -> list[torch.Tensor]:

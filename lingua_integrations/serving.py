@@ -164,6 +164,7 @@ class ScoringQueue:
         return self.runner.kv_pool().allocate(n)
 
     def release(self, region: int) -> None:
+        """Give a pool region back (its stream's call is over)."""
         self.runner.kv_pool().release(region)
 
     def pooled_surprisal(self, items: Sequence[tuple[int, int, torch.Tensor, int]]) -> list[torch.Tensor]:
@@ -230,6 +231,7 @@ class ScoringQueue:
                 r.done.set()
 
     def _score(self, requests: list[_Request]) -> list[torch.Tensor]:
+        """The device work of requests of one kind (all pooled, or none), flattened in order."""
         if requests[0].pooled is not None:
             return self.runner.pooled_surprisal([item for r in requests for item in r.pooled])
         return self.runner.surprisal([s for r in requests for s in r.seqs],
