@@ -47,6 +47,14 @@ class PooledPass:
     max_k: int
 
 
+def _kv_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """``(layers, key-value heads, head size)`` of a transformers causal LM's config."""
+    cfg = model.config
+    heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    return int(cfg.num_hidden_layers), heads, head_dim
+
+
 class KVPool:
     """Keys and values of many ITPC streams, one region per stream, in one buffer per layer.
 
@@ -56,11 +64,8 @@ class KVPool:
     """
 
     def __init__(self, model: torch.nn.Module, capacity: int) -> None:
-        cfg = model.config
         param = next(model.parameters())
-        heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-        self.layers = int(cfg.num_hidden_layers)
+        self.layers, heads, head_dim = _kv_shape(model)
         self.capacity = int(capacity)
         self.scratch = self.capacity
         shape = (self.layers, self.capacity + 1, heads, head_dim)
@@ -73,10 +78,8 @@ class KVPool:
     @staticmethod
     def bytes_per_token(model: torch.nn.Module) -> int:
         """Device memory one token slot takes (keys and values of every layer)."""
-        cfg = model.config
-        heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-        return 2 * int(cfg.num_hidden_layers) * heads * head_dim * next(model.parameters()).element_size()
+        layers, heads, head_dim = _kv_shape(model)
+        return 2 * layers * heads * head_dim * next(model.parameters()).element_size()
 
     def allocate(self, n: int) -> int | None:
         """A region of ``n`` slots (its start), or None when the pool has no room (the
@@ -115,9 +118,12 @@ class KVPool:
             return sum(self._sizes.values())
 
 
-def _stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-              scale: float | None) -> torch.Tensor:
-    """Each sequence's queries over its keys, causal aligned at the end, by SDPA (a CPU)."""
+def stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+             scale: float | None) -> torch.Tensor:
+    """The variable-length flash kernel's result without it (a CPU, float32): each
+    sequence's queries over its keys by SDPA, causal aligned at the end (with as many
+    queries as keys, plain causal attention: packed rows use it too). Slow (a loop over
+    sequences); it exists so the layouts are testable on any machine."""
     out = torch.zeros_like(q)
     for (a, b), (c, d) in zip(zip(cu_q.tolist(), cu_q.tolist()[1:]), zip(cu_k.tolist(), cu_k.tolist()[1:])):
         if b > a:
@@ -166,5 +172,5 @@ def pooled_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         out = torch.ops.aten._flash_attention_forward(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, 0.0,
                                                       True, False, scale=scaling)[0]
     else:
-        out = _stand_in(q, k, v, meta.cu_q, meta.cu_k, scaling)
+        out = stand_in(q, k, v, meta.cu_q, meta.cu_k, scaling)
     return out.view(1, width, heads, dim)

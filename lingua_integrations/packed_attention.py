@@ -26,7 +26,7 @@ import logging
 
 import torch
 
-from .kv_pool import pooled_attention
+from .kv_pool import pooled_attention, stand_in
 
 logger = logging.getLogger(__name__)
 
@@ -38,20 +38,6 @@ def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the variable-length flash kernel runs here (CUDA, half precision, flash built in)."""
     return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
             and torch.backends.cuda.flash_sdp_enabled() and hasattr(torch.ops.aten, "_flash_attention_forward"))
-
-
-def _reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
-                      scale: float | None) -> torch.Tensor:
-    """The same result without the kernel (a CPU, float32): each sequence's own causal SDPA.
-    Slow (a loop over sequences); it exists so the packing layout is testable on any machine."""
-    out = torch.empty_like(q)
-    bounds = cu.tolist()
-    for a, b in zip(bounds, bounds[1:]):
-        if b > a:
-            qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
-            out[a:b] = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
-                                                                        enable_gqa=True).transpose(0, 1)
-    return out
 
 
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -79,7 +65,7 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         out = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, longest, longest, 0.0, True, False,
                                                       scale=scaling)[0]
     else:
-        out = _reference_varlen(q, k, v, cu, scaling)
+        out = stand_in(q, k, v, cu, cu, scaling)
     return out.view(rows, width, heads, dim), None
 
 

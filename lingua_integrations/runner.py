@@ -266,9 +266,8 @@ class SurprisalRunner:
             width = ids.shape[1]
             kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=width, max_length_k=width)
         if flat is not None:
-            hidden = self.model.get_decoder()(input_ids=ids, **kwargs).last_hidden_state
-            picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
-            return surprisal(self.model.get_output_embeddings()(picked), ids.reshape(-1).index_select(0, flat + 1))
+            return self._head_at(self.model.get_decoder()(input_ids=ids, **kwargs).last_hidden_state, ids, flat,
+                                 surprisal)
         logits = None
         if self._keep_logits and (isinstance(keep, torch.Tensor) or keep):
             try:
@@ -281,6 +280,13 @@ class SurprisalRunner:
             return surprisal(logits, ids[:, keep + 1])
         logits = logits[:, :-1]
         return surprisal(logits, ids[:, ids.shape[1] - logits.shape[1]:])
+
+    def _head_at(self, hidden: torch.Tensor, ids: torch.Tensor, flat: torch.Tensor,
+                 surprisal: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The LM head and surprisal at ``flat`` (indices into the flattened positions of
+        ``ids``) alone, each position's label the token after it."""
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
+        return surprisal(self.model.get_output_embeddings()(picked), ids.reshape(-1).index_select(0, flat + 1))
 
     def _graph(self, shape: tuple[int, int], packed: bool = False, head: int = 0):
         """The captured graph of ``shape`` (captured on first use; None when capture fails):
@@ -700,8 +706,7 @@ class SurprisalRunner:
         with contextlib.nullcontext() if self._pool_compiled else uncompiled(self.model), kv_pool.active(meta):
             hidden = self.model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False,
                                               attention_mask=self._no_mask, lingua_pooled=True).last_hidden_state
-            picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
-            return token_surprisal(self.model.get_output_embeddings()(picked), ids.reshape(-1).index_select(0, flat + 1))
+            return self._head_at(hidden, ids, flat, token_surprisal)
 
     def _pooled_layout(self, items: list[tuple[int, int, torch.Tensor, int]], graphs: bool):
         """Host side of a pooled pass: ids, position ids, write slots, gathered key slots,

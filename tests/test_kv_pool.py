@@ -166,7 +166,7 @@ def test_the_probe_turns_the_pool_off_where_queries_are_misaligned(pooled, monke
     _, runner = pooled
     runner._pool_ok = None
     assert runner.pooling  # the exact stand-in passes
-    exact = kv_pool._stand_in
+    exact = kv_pool.stand_in
 
     def start_aligned(q, k, v, cu_q, cu_k, scale):
         ends = cu_k.clone()
@@ -178,7 +178,7 @@ def test_the_probe_turns_the_pool_off_where_queries_are_misaligned(pooled, monke
                                  torch.tensor([0, b - a]), scale)
         return out
 
-    monkeypatch.setattr(kv_pool, "_stand_in", start_aligned)
+    monkeypatch.setattr(kv_pool, "stand_in", start_aligned)
     runner._pool_ok = None
     try:
         assert not runner.pooling
