@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from .cpu_gemm import use_onednn_linears
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -366,6 +368,8 @@ def _load(auto_class: str, model: str, device: str, dtype: torch.dtype, *, trust
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"model {model!r} has no fast tokenizer (tokenizer.json); we need its offsets to map tokens to text")
     lm.to(device).eval()
+    if device == "cpu" and dtype == torch.float32:
+        use_onednn_linears(lm)  # MKL's float32 GEMM runs at half rate on AMD CPUs (cpu_gemm.py)
     return LoadedModel(name=model, path=path, model=lm, tokenizer=tokenizer, device=device, dtype=dtype)
 
 

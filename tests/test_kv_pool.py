@@ -8,10 +8,12 @@ path must give what the CPU's own dynamic KV cache gives: the same compressed pr
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
-from lingua_integrations import CompressionEngine, packed_attention
+from lingua_integrations import CompressionEngine, packed_attention, serving
 from lingua_integrations.compat import PromptCompressor
 from lingua_integrations.kv_pool import KVPool
 
@@ -23,9 +25,11 @@ def cases(nq_rows):
 
 
 @pytest.fixture()
-def pooled():
+def pooled(monkeypatch):
     """An engine on the GPU small-model path (windows batched, no dynamic cache) with the
-    pool switched on; the shared model and runner are put back afterwards."""
+    pool switched on, for short lone calls too; the shared model and runner are put back
+    afterwards."""
+    monkeypatch.setattr(serving, "POOL_ALONE_MIN", 0)
     engine = CompressionEngine(device="cpu")
     model, runner = engine.loaded.model, engine.loaded.scoring_queue().runner
     saved = runner.varlen, runner.pool_kv
@@ -92,6 +96,51 @@ def test_pooled_window_steps_compress_as_the_dynamic_cache_does(pooled, cases):
         assert runner.positions_run - before > 1.3 * pooled_positions
         runner.pool_kv = True
     assert runner.kv_pool().in_use == 0  # every stream gave its region back
+
+
+def test_a_lone_short_call_is_scored_from_scratch_unless_others_are_in_progress(pooled, cases, monkeypatch):
+    """A single short call's pooled steps are slower than rescoring on an H100 (launches,
+    not positions, bound it); with other calls in progress, pooling wins."""
+    engine, runner = pooled
+    monkeypatch.setattr(serving, "POOL_ALONE_MIN", 4096)
+    _batched(engine)
+    monkeypatch.setattr(engine.scorer, "use_queue", True)  # calls in sessions, as on a GPU
+    queue = engine.loaded.scoring_queue()
+    docs, question = cases[2]
+    engine.compress(docs, question=question, rate=0.35)  # the ranking memo: each call below ranks alike
+    before = runner.positions_run
+    alone = engine.compress(docs, question=question, rate=0.35)  # ~1k tokens: below the minimum
+    alone_positions = runner.positions_run - before
+    runner.pool_kv = False
+    before = runner.positions_run
+    engine.compress(docs, question=question, rate=0.35)
+    assert runner.positions_run - before == alone_positions  # as from scratch
+    runner.pool_kv = True
+
+    entered, leave = threading.Event(), threading.Event()
+
+    def other_call() -> None:
+        with queue.session():
+            entered.set()
+            leave.wait(60)
+
+    other = threading.Thread(target=other_call)
+    other.start()
+    try:
+        assert entered.wait(10)
+        before = runner.positions_run
+        beside = engine.compress(docs, question=question, rate=0.35)
+        assert 1.3 * (runner.positions_run - before) < alone_positions  # pooled
+    finally:
+        leave.set()
+        other.join()
+    assert beside.compressed_prompt == alone.compressed_prompt
+    with queue.session():  # alone again: only a long stream gets a region
+        assert queue.allocate(100) is None
+        region = queue.allocate(4096)
+        assert region is not None
+        queue.release(region)
+    assert runner.kv_pool().in_use == 0
 
 
 def test_the_drop_in_compresses_through_the_pool_as_with_the_dynamic_cache(pooled, cases):
