@@ -36,10 +36,13 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 class OneDNNLinear(nn.Linear):
     """An ``nn.Linear`` whose inference forward runs oneDNN's float32 GEMM. With autograd
-    recording (training, gradients) it is the plain layer: the op has no backward."""
+    recording (training, gradients) it is the plain layer, since the op has no backward;
+    under ``torch.compile`` too, whose CPU lowering of this op expects weights it packed
+    itself (and which chooses its own GEMM)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
+        if (torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dtype != torch.float32
+                or x.device.type != "cpu"):
             return super().forward(x)
         return _onednn_linear(x, self.weight, self.bias)
 
