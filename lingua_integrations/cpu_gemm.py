@@ -2,13 +2,13 @@
 
 Why: on a CPU a small LM's compression time is its matrix multiplies (three quarters of a
 window step). torch sends a float32 ``linear`` to MKL, and MKL takes its AVX-512 code only
-on Intel processors: on an AMD EPYC (AVX-512, Zen 4/5) it runs its AVX2 kernels at half
-the chip's rate. oneDNN, which torch also carries (it already runs every bfloat16 matmul),
+on Intel processors: on an AMD EPYC with AVX-512 it runs its AVX2 kernels at half the
+chip's rate. oneDNN, which torch also carries (it already runs every bfloat16 matmul),
 picks its kernels by the instructions the CPU has. Measured on this project's 2-core AMD
 EPYC: a 400x576 by 576x1536 float32 product 3.9 ms with MKL, 1.7 ms with oneDNN; the
 SmolLM2 LM head over 201 positions 88 ms against 37 ms. The arithmetic stays float32
 (same inputs, float32 accumulation; results differ from MKL's only in summation order,
-~1e-7 relative).
+a few float32 roundings).
 
 The op is ``torch.ops.mkldnn._linear_pointwise``, which torch's own compiler emits for CPU
 linears; it is not a public API, so :func:`use_onednn_linears` first checks it on a probe
