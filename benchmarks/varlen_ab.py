@@ -6,8 +6,8 @@ compressed prompt (same hash: same output), and the 64-caller case (threads, 16 
 
     for a in --sdpa --varlen; do python3 benchmarks/varlen_ab.py $a; done   # carry .cache/gpu
 
-The pooled KV cache of ITPC window steps (:mod:`lingua_integrations.kv_pool`, off by default,
-needs ``--varlen``) is turned on here unless ``--no-pool``: ``--varlen --no-pool`` against
+The pooled KV cache of ITPC window steps (:mod:`lingua_integrations.kv_pool`, on by default on
+CUDA, needs ``--varlen``) is on here unless ``--no-pool``: ``--varlen --no-pool`` against
 ``--varlen`` is that A/B.
 ``--pool-eager`` runs the pooled passes outside the compiled layers.
 ``--prompts=FILE`` writes each single call's compressed prompt there (JSON), for a kept-word

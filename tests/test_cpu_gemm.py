@@ -25,8 +25,9 @@ def loaded():
     return ModelRegistry.get_causal_lm("smollm2-135m", device="cpu", dtype="float32")
 
 
-def _plain_copy(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The swapped layers, turned back into plain ``nn.Linear`` (caller restores them)."""
+def _as_plain_linears(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Turn the swapped layers back into plain ``nn.Linear`` in place; returns them (the
+    caller swaps them again)."""
     swapped = [m for m in model.modules() if type(m) is cpu_gemm.OneDNNLinear]
     for m in swapped:
         m.__class__ = torch.nn.Linear
@@ -43,7 +44,7 @@ def test_logits_match_the_default_blas_to_float32_rounding(loaded, nq_rows):
     ids = loaded.tokenizer(nq_rows[0]["text"], return_tensors="pt").input_ids[:, :300]
     with torch.inference_mode(), loaded.lock:
         fast = loaded.model(input_ids=ids, use_cache=False).logits
-        swapped = _plain_copy(loaded.model)
+        swapped = _as_plain_linears(loaded.model)
         try:
             plain = loaded.model(input_ids=ids, use_cache=False).logits
         finally:
