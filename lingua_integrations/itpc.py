@@ -61,6 +61,9 @@ class _Stream:
         self.static = scorer.static.acquire(len(ids)) if scorer.kv_cache else None
         self.offset = 0  # first position the model sees (long inputs slide this forward)
         self.cached = 0  # positions offset .. offset+cached-1 are in the cache
+        # the first position the reference recomputes at the next step (0 after the first pass,
+        # then the start of the window just judged): a drop never moves `cached` before it
+        self.floor = 0
         # windows batched across callers: the KV cache in a region of the device pool (kv_pool.py);
         # a sequence longer than the model's window slides its view and is scored from scratch
         self.region = (scorer.pool_allocate(len(ids)) if self.static is None and scorer.pooled
@@ -111,34 +114,42 @@ class _Stream:
         return self.offset, view
 
     def refresh(self, end: int, keep: int, need: int = 0) -> None:
-        """Recompute scores of positions up to ``end`` reusing the cache, then keep the
-        cache only for positions before ``keep`` (those will not change). Scores of
-        positions before ``need`` are not asked for (their old values stay)."""
+        """Scores of positions up to ``end``, reusing the cache: only positions from
+        ``cached`` on run through the model, and every position the cache then holds
+        stays valid until :meth:`keep` drops a token before it (the window about to be
+        judged starts at ``keep``). Scores of positions before ``need`` are not asked
+        for (their old values stay)."""
         todo = self.view(end, keep)
+        self.floor = keep
         if todo is not None:
             _, view = todo
             first, loss = self._score(view, need - self.offset)
             self._write(self.offset + first - 1, loss)
             self.cached = len(view)
-        if self.static is None:
-            self.cache = _crop(self.cache, keep - self.offset)
-            if self.cache is None:
-                self.cached = 0
         # a static cache needs no cropping: the next window is written from position `cached`
-        self.settle(keep)
 
     def settle(self, keep: int) -> None:
-        """Positions before ``keep`` are final: the next step's scores start there (with
-        or without a KV cache)."""
+        """Without a KV cache: positions before ``keep`` are final, the next step's scores
+        start there."""
         self.cached = max(0, min(self.cached, keep - self.offset))
 
     def keep(self, mask: torch.Tensor) -> None:
-        if self.region is not None:  # the pool's positions before the first dropped token stay valid
-            dropped = (~mask).nonzero()
-            if len(dropped):
-                # with the reference's alignment (shift 0) the position before a drop holds the
-                # score of the token after it, which is now another token: that position reruns too
-                self.cached = min(self.cached, max(0, int(dropped[0]) - 1 + self.shift))
+        """Keep the positions ``mask`` marks. A KV cache (pooled, static or dynamic) stays
+        valid up to the first dropped token: the tokens before it, their prefix and their
+        positions are unchanged, so recomputing them would give the same scores (the
+        reference recomputes the whole judged window; on a 60-document LongLLMLingua call
+        that doubled the window steps' positions)."""
+        dropped = (~mask).nonzero()
+        if len(dropped) and (self.region is not None or self.scorer.kv_cache):
+            # with the reference's alignment (shift 0) the position before a drop holds the score
+            # of the token after it, which is now another token: that position reruns too, unless
+            # it lies before `floor`, where the reference does not rerun it and keeps the old score
+            valid = max(int(dropped[0]) - 1 + self.shift, self.floor) - self.offset
+            self.cached = max(0, min(self.cached, valid))
+            if self.cache is not None:
+                self.cache = _crop(self.cache, self.cached)
+                if self.cache is None:
+                    self.cached = 0
         self.ids = self.ids[mask]
         self.v = self.v[mask]
 
@@ -178,7 +189,7 @@ def _score_first(streams: list[tuple[_Stream, int | None]]) -> None:
     """The first pass: each stream's first ``limit`` positions (all when None), in one batch."""
     todo, pooled = [], []
     for st, limit in streams:
-        st.cache, st.offset, st.cached = None, 0, 0
+        st.cache, st.offset, st.cached, st.floor = None, 0, 0, 0
         n = len(st.ids) if limit is None else min(limit, len(st.ids))
         if st.region is not None:
             pooled.append((st, n, 0))
@@ -191,16 +202,20 @@ def _score_first(streams: list[tuple[_Stream, int | None]]) -> None:
 
 
 def _score_upto(streams: list[tuple[_Stream, int, int]], judged_only: bool = False) -> None:
-    """Scores up to ``end`` for each ``(stream, end, keep)``: with the KV cache, stream by
-    stream; without it, every stream's whole view in one batch. Either way, positions
-    before ``keep`` are final from then on (the next step starts its scores there).
-    ``judged_only``: only positions from ``keep`` on get new scores (the window about to
-    be judged); the ones before it are recomputed for the cache alone."""
+    """Scores up to ``end`` for each ``(stream, end, keep)``, the window about to be
+    judged starting at ``keep``: with a KV cache (dynamic or static, stream by stream;
+    pooled, every stream in one request) only the positions after what the cache holds
+    run (:meth:`_Stream.keep`); without one, every stream's whole view in one batch, and
+    positions before ``keep`` are final from then on (the next step starts its scores
+    there). ``judged_only``: only positions from ``keep`` on get new scores; the ones
+    before it are recomputed for the cache alone."""
     scorer = streams[0][0].scorer
     if scorer.kv_cache:
         for st, end, keep in streams:
             st.refresh(end, keep, keep if judged_only else 0)
         return
+    for st, _, keep in streams:
+        st.floor = keep
     pooled = [(st, end, keep if judged_only else 0) for st, end, keep in streams if st.region is not None]
     if pooled:
         _score_pooled(pooled)

@@ -553,12 +553,13 @@ class SurprisalRunner:
         edges = self._edges()
         return min(_bucket(max(n, PACK_WIDTH), edges), max(n, edges[-1]))
 
-    def _surprisal_packed(self, tensors: list[torch.Tensor], lengths: list[int], firsts: list[int], order: list[int],
-                          max_rows: int) -> dict[int, torch.Tensor]:
-        """Score ``order`` (indices into ``tensors``) in packed rows: best fit by
+    def _launch_surprisal_packed(self, tensors: list[torch.Tensor], lengths: list[int], firsts: list[int],
+                                 order: list[int], max_rows: int) -> Callable[[], dict[int, torch.Tensor]]:
+        """Start scoring ``order`` (indices into ``tensors``) in packed rows: best fit by
         decreasing length into rows of each sequence's width class (:meth:`_row_width`),
-        rows into passes under the token budget. A pass that runs out of memory falls
-        back to padded batches."""
+        rows into passes under the token budget. Returns a function that waits for the
+        passes and gives each index's surprisals. A pass that runs out of memory falls
+        back to padded batches (run before this returns)."""
         classes: dict[int, list[int]] = {}  # row width -> its sequences, longest first
         for i in sorted(order, key=lambda i: -lengths[i]):
             classes.setdefault(self._row_width(lengths[i]), []).append(i)
@@ -590,9 +591,12 @@ class SurprisalRunner:
                 torch.cuda.empty_cache()
                 flat = [i for row in group for i in row]
                 out.update(zip(flat, self._run_split([tensors[i] for i in flat], [firsts[i] for i in flat])))
-        for item in launched:
-            out.update(self._collect_packed(item))
-        return out
+
+        def wait() -> dict[int, torch.Tensor]:
+            for item in launched:
+                out.update(self._collect_packed(item))
+            return out
+        return wait
 
     def _passes(self, rows: list[list[int]], per_pass: int) -> list[list[list[int]]]:
         """Rows cut into passes of at most ``per_pass``. With graphs a pass's rows are
@@ -703,10 +707,12 @@ class SurprisalRunner:
         """The decoder over laid-out new tokens (their streams' prefixes in the pool), the LM
         head at ``flat`` alone. Through the compiled layers (the pooled attention itself is
         left out of them) until that fails once, then uncompiled."""
-        with contextlib.nullcontext() if self._pool_compiled else uncompiled(self.model), kv_pool.active(meta):
+        through = self.compile and self._pool_compiled
+        with contextlib.nullcontext() if through else uncompiled(self.model), kv_pool.active(meta):
             hidden = self.model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False,
                                               attention_mask=self._no_mask, lingua_pooled=True).last_hidden_state
-            return self._head_at(hidden, ids, flat, token_surprisal)
+            # compiled, the log-softmax reads the half-precision logits once (eager, it writes a float32 copy)
+            return self._head_at(hidden, ids, flat, compiled(token_surprisal) if through else token_surprisal)
 
     def _pooled_layout(self, items: list[tuple[int, int, torch.Tensor, int]], graphs: bool):
         """Host side of a pooled pass: ids, position ids, write slots, gathered key slots,
@@ -790,7 +796,6 @@ class SurprisalRunner:
         self._captured[("pooled", *key)] = hit = (graph, (ids, pos, slots, keys, cu_q, cu_k, flat), out)
         return hit
 
-    @torch.inference_mode()
     def pooled_surprisal(self, items: Sequence[tuple[int, int, torch.Tensor, int]]) -> list[torch.Tensor]:
         """Surprisals of ITPC streams whose prefixes are in the KV pool. Each item is
         ``(region, cached, new, first)``: the stream's region, how many of its positions
@@ -798,6 +803,13 @@ class SurprisalRunner:
         ``new`` of the first token to score (at least 1: a token's score comes from the
         position before it). Returns the surprisals of ``new[first:]`` for each item;
         every item's keys and values are in the pool afterwards."""
+        return self.launch_pooled(items)()
+
+    @torch.inference_mode()
+    def launch_pooled(self, items: Sequence[tuple[int, int, torch.Tensor, int]]) -> Callable[[], list[torch.Tensor]]:
+        """Start :meth:`pooled_surprisal`'s passes; returns a function that waits for them
+        and gives the surprisals. Passes launched later (by anyone) run after these on
+        the device, so they see these items' keys and values in the pool."""
         items = [(int(r), int(c), torch.as_tensor(x, dtype=torch.long).reshape(-1), max(1, int(f)))
                  for r, c, x, f in items]
         results: list[torch.Tensor] = [torch.zeros(0)] * len(items)
@@ -813,11 +825,14 @@ class SurprisalRunner:
             if chunk:
                 launched.append((chunk, self._launch_pooled([items[j] for j in chunk])))
             chunk, tokens = [i], n
-        for chunk, (loss, sizes) in launched:
-            loss = loss.to("cpu")
-            for j, part in zip(chunk, loss[: sum(sizes)].split(sizes)):
-                results[j] = part
-        return results
+
+        def wait() -> list[torch.Tensor]:
+            for chunk, (loss, sizes) in launched:
+                loss = loss.to("cpu")
+                for j, part in zip(chunk, loss[: sum(sizes)].split(sizes)):
+                    results[j] = part
+            return results
+        return wait
 
     def _launch_pooled(self, items: list[tuple[int, int, torch.Tensor, int]]):
         """Start one pooled pass (a captured graph of its bucketed shape where graphs are
@@ -850,7 +865,6 @@ class SurprisalRunner:
             self.tokens_run += sum(len(x) for _, _, x, _ in items)
         return loss, sizes
 
-    @torch.inference_mode()
     def surprisal(self, seqs: Sequence[Sequence[int] | torch.Tensor], max_rows: int | None = None,
                   starts: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Surprisal of tokens ``start .. len-1`` of every sequence (float32, on the CPU).
@@ -861,6 +875,15 @@ class SurprisalRunner:
         tokens give empty tensors. ``max_rows`` caps the sequences per forward pass
         (default: the runner's ``max_rows``).
         """
+        return self.launch_surprisal(seqs, max_rows, starts)()
+
+    @torch.inference_mode()
+    def launch_surprisal(self, seqs: Sequence[Sequence[int] | torch.Tensor], max_rows: int | None = None,
+                         starts: Sequence[int] | None = None) -> Callable[[], list[torch.Tensor]]:
+        """Start :meth:`surprisal`'s passes; returns a function that waits for them and
+        gives the surprisals. Packed passes (a GPU) run on the device while the caller
+        goes on (the scoring queue gathers its next round meanwhile); padded batches run
+        before this returns."""
         max_rows = max_rows or self.max_rows
         tensors = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in seqs]
         lengths = [t.shape[0] for t in tensors]
@@ -868,9 +891,13 @@ class SurprisalRunner:
         results: list[torch.Tensor] = [torch.zeros(0)] * len(tensors)
         order = sorted((i for i, n in enumerate(lengths) if n - firsts[i] >= 1), key=lambda i: lengths[i])
         if len(order) > 1 and self._packing():
-            for i, loss in self._surprisal_packed(tensors, lengths, firsts, order, max_rows).items():
-                results[i] = loss
-            return results
+            packed = self._launch_surprisal_packed(tensors, lengths, firsts, order, max_rows)
+
+            def wait() -> list[torch.Tensor]:
+                for i, loss in packed().items():
+                    results[i] = loss
+                return results
+            return wait
         batch: list[int] = []
         real = 0  # tokens of the batch's sequences
         for i in order + [-1]:
@@ -882,7 +909,7 @@ class SurprisalRunner:
                 for j, loss in zip(batch, self._run_split([tensors[j] for j in batch], [firsts[j] for j in batch])):
                     results[j] = loss
             batch, real = [i], len(tensors[i]) if i >= 0 else 0
-        return results
+        return lambda: results
 
     def _fits(self, rows: int, width: int, real: int, max_rows: int) -> bool:
         """Whether ``rows`` sequences, the longest ``width`` tokens and ``real`` tokens in

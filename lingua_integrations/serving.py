@@ -10,6 +10,15 @@ It waits for more requests only while other calls are in progress (``session``) 
 most ``max_wait`` seconds, so a lone caller pays no latency. A failing batch is retried
 request by request, so one bad request fails only its caller.
 
+**Rounds overlap.** One thread gathers and launches rounds, another waits for their
+device passes and hands the results back, and up to ``depth`` rounds are on the device at
+once. While round k runs, the callers it does not serve send their next requests, and round
+k+1 is gathered, laid out and queued behind it, so the device does not sit idle while the
+host gathers and lays out. The calls in flight hold one request each, so the gathering does
+not wait for the callers whose requests are already on the device. (H100, SmolLM2 shape,
+64 callers with 64 host workers: the serial loop spent 0.55 s of 0.81 s in device rounds;
+the rest was gathering and host work with the device idle.)
+
 **Admission.** A call's own work between device rounds (tokenizing, ranking, the ITPC
 bookkeeping: ~30 ms of Python per 20-document call) holds the GIL. With 64 callers all
 running at once, threads hand the GIL around so often that the process burns twice the
@@ -30,7 +39,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -102,20 +111,28 @@ class ScoringQueue:
             round into passes under its own budget).
         max_active: most calls in progress at once (see the module doc; None: no limit).
             A thread already in a session is not held at the door again.
+        depth: most rounds launched on the device and not yet handed back (see the module
+            doc); 1 runs each round to the end before gathering the next.
     """
 
     def __init__(self, runner: SurprisalRunner, max_wait: float = 0.004, max_tokens: int = 262144,
-                 max_active: int | None = None) -> None:
+                 max_active: int | None = None, depth: int = 2) -> None:
         if max_active is not None and max_active < 1:
             raise ValueError(f"max_active must be at least 1 (or None for no limit), got {max_active}")
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1 (rounds on the device at once), got {depth}")
         self.runner = runner
         self.max_wait = max_wait
         self.max_tokens = max_tokens
+        self.depth = depth
         self._admission = _Admission(max_active)
         self._local = threading.local()  # this thread's session depth
         self._queue: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._active = 0
+        self._in_flight = 0  # requests launched whose results are not handed back yet
+        self._rounds_in_flight = 0
         self._lock = threading.Lock()
+        self._slot_free = threading.Condition(self._lock)  # a round was handed back
         self._worker: threading.Thread | None = None
         self.idle_exit = 2.0  # seconds
         self.rounds = 0  # diagnostics: batches run
@@ -209,8 +226,8 @@ class ScoringQueue:
             try:
                 nxt = self._queue.get_nowait()
             except queue.Empty:
-                with self._lock:
-                    others_running = self._active > len(batch)
+                with self._lock:  # calls whose requests are on the device send nothing until handed back
+                    others_running = self._active > len(batch) + self._in_flight
                 left = deadline - time.monotonic()
                 if not others_running or left <= 0:
                     break
@@ -223,45 +240,88 @@ class ScoringQueue:
         return batch
 
     def _serve(self) -> None:
-        while True:
-            try:  # an idle worker exits (and lets the model be freed); the next request restarts it
-                first = self._queue.get(timeout=self.idle_exit)
-            except queue.Empty:
-                with self._lock:
-                    if self._queue.empty():
-                        self._worker = None
-                        return
-                continue
-            batch = self._gather(first)
-            self.rounds += 1
-            self.requests += len(batch)
-            for group in ([r for r in batch if r.pooled is None], [r for r in batch if r.pooled is not None]):
-                if group:
-                    self._run(group)
-            for r in batch:
-                r.done.set()
-
-    def _score(self, requests: list[_Request]) -> list[torch.Tensor]:
-        """The device work of requests of one kind (all pooled, or none), flattened in order."""
-        if requests[0].pooled is not None:
-            return self.runner.pooled_surprisal([item for r in requests for item in r.pooled])
-        return self.runner.surprisal([s for r in requests for s in r.seqs],
-                                     starts=[st for r in requests for st in r.starts])
-
-    def _run(self, batch: list[_Request]) -> None:
-        """One device round for requests of one kind; a failure is retried request by request."""
+        """The launching thread: gather a round, start its device work, pass it to the
+        handing-back thread; at most ``depth`` rounds at once."""
+        launched: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._hand_back, args=(launched,), name="lingua-scoring-results", daemon=True).start()
         try:
-            flat = self._score(batch)
-            pos = 0
-            for r in batch:
-                n = len(r.pooled) if r.pooled is not None else len(r.seqs)
-                r.result, pos = flat[pos : pos + n], pos + n
-        except BaseException:  # noqa: BLE001 - isolate the request that fails
-            for r in batch:
+            while True:
+                with self._slot_free:
+                    while self._rounds_in_flight >= self.depth:
+                        self._slot_free.wait()
+                try:  # an idle worker exits (and lets the model be freed); the next request restarts it
+                    first = self._queue.get(timeout=self.idle_exit)
+                except queue.Empty:
+                    with self._lock:
+                        if self._queue.empty():
+                            self._worker = None
+                            return
+                    continue
+                batch = self._gather(first)
+                with self._lock:
+                    self._in_flight += len(batch)
+                    self._rounds_in_flight += 1
+                self.rounds += 1
+                self.requests += len(batch)
+                launched.put((batch, self._launch_round(batch)))
+        finally:
+            launched.put(None)  # the handing-back thread ends after the rounds before it
+
+    def _hand_back(self, launched: queue.SimpleQueue) -> None:
+        """The handing-back thread: wait for each launched round in order and give its
+        callers their results (or errors)."""
+        while True:
+            item = launched.get()
+            if item is None:
+                return
+            batch, finish = item
+            try:
+                finish()
+            finally:
+                with self._lock:
+                    self._in_flight -= len(batch)
+                    self._rounds_in_flight -= 1
+                    self._slot_free.notify()
+                for r in batch:
+                    r.done.set()
+
+    def _launch(self, requests: list[_Request]) -> Callable[[], list[torch.Tensor]]:
+        """Start the device work of requests of one kind (all pooled, or none); returns the
+        function that waits for it and gives their results, flattened in order."""
+        if requests[0].pooled is not None:
+            return self.runner.launch_pooled([item for r in requests for item in r.pooled])
+        return self.runner.launch_surprisal([s for r in requests for s in r.seqs],
+                                            starts=[st for r in requests for st in r.starts])
+
+    def _launch_round(self, batch: list[_Request]) -> Callable[[], None]:
+        """Start a round's device work (plain requests, then pooled ones); returns the
+        function that waits for it and sets each request's result or error. A group that
+        fails, launched or waited for, is retried request by request there."""
+        started = []
+        for group in ([r for r in batch if r.pooled is None], [r for r in batch if r.pooled is not None]):
+            if group:
                 try:
-                    r.result = self._score([r])
-                except BaseException as exc:  # noqa: BLE001 - delivered to its caller
-                    r.error = exc
+                    started.append((group, self._launch(group)))
+                except BaseException:  # noqa: BLE001 - retried request by request below
+                    started.append((group, None))
+
+        def finish() -> None:
+            for group, wait in started:
+                try:
+                    if wait is None:
+                        raise RuntimeError("the group's launch failed")
+                    flat = wait()
+                    pos = 0
+                    for r in group:
+                        n = len(r.pooled) if r.pooled is not None else len(r.seqs)
+                        r.result, pos = flat[pos : pos + n], pos + n
+                except BaseException:  # noqa: BLE001 - isolate the request that fails
+                    for r in group:
+                        try:
+                            r.result = self._launch([r])()
+                        except BaseException as exc:  # noqa: BLE001 - delivered to its caller
+                            r.error = exc
+        return finish
 
 
 def _tokens(request: _Request) -> int:
