@@ -706,7 +706,14 @@ class CompressionEngine:
         )
         kept = self._fit_budget(layout, owner_ctx, set(result.kept.tolist()), result.scores, force, context_target,
                                 used, salient)
-        return self._decode(layout, owner_ctx, kept, used)
+        pruned = self._decode(layout, owner_ctx, kept, used)
+        # deleting pieces of a word can leave a fragment that the target LLM's tokenizer splits into
+        # more tokens than the whole ("0 Cylinder" is 2 cl100k tokens, "0 Cyl" 3): such a context is
+        # kept whole, which costs less and loses nothing
+        for i in used:
+            if pruned[i] and self.count(pruned[i]) > self.count(texts[i]):
+                pruned[i] = texts[i].strip()
+        return pruned
 
     def _span_rates(self, layout: _Layout, span_lists: list, used: list[int], first_ctx: int) -> list[float | None]:
         """Per token: the rate of the caller-marked span it falls in (None: the call's)."""
