@@ -16,8 +16,9 @@ once. While round k runs, the callers it does not serve send their next requests
 k+1 is gathered, laid out and queued behind it, so the device does not sit idle while the
 host gathers and lays out. The calls in flight hold one request each, so the gathering does
 not wait for the callers whose requests are already on the device. (H100, SmolLM2 shape,
-64 callers with 64 host workers: the serial loop spent 0.55 s of 0.81 s in device rounds;
-the rest was gathering and host work with the device idle.)
+64 callers with 64 host workers, before this: the serial loop spent 0.55 s of 0.81 s
+laying out, running and reading back rounds, 0.10 s gathering and 0.16 s handing back,
+the device idle in between. The overlap itself is not yet timed on a GPU.)
 
 **Admission.** A call's own work between device rounds (tokenizing, ranking, the ITPC
 bookkeeping: ~30 ms of Python per 20-document call) holds the GIL. With 64 callers all
