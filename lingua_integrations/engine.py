@@ -539,7 +539,7 @@ class CompressionEngine:
         elif use_token_level_filter and used:
             compressed = self._fine(
                 fine_texts, span_lists, used, delta_of, question if contrast else "", context_target, iterative_size,
-                sum(fine_lengths[i] for i in used), granularity, keep_names_and_numbers,
+                fine_lengths, granularity, keep_names_and_numbers,
             )
         label = method if question_aware or method != "longllmlingua" else "llmlingua"
         result = self._assemble(contexts, texts, lengths, compressed, used, ranks, scores, instruction, question,
@@ -666,13 +666,13 @@ class CompressionEngine:
         prefix: str,
         context_target: float,
         window: int,
-        kept_target_tokens: int,
+        lengths: list[int],
         granularity: Granularity = "word",
         protect_salient: bool = True,
     ) -> dict[int, str]:
         """Token-level step (ITPC) over the kept contexts, then fit to the budget in
         whole units (words, or glyphs with ``granularity="token"``).
-        ``kept_target_tokens``: target-LLM tokens of those contexts (already counted)."""
+        ``lengths``: target-LLM tokens of each of ``texts`` (already counted)."""
         pieces = ([prefix] if prefix else []) + [texts[i] for i in used]
         layout = _Layout.build(self.tokenizer, pieces, granularity=granularity)
         first_ctx = 1 if prefix else 0
@@ -680,6 +680,7 @@ class CompressionEngine:
         start = next((p for p, o in enumerate(layout.owner) if o >= first_ctx), len(layout.ids)) if prefix else 0
 
         n_small = sum(1 for o in owner_ctx if o >= 0)
+        kept_target_tokens = sum(lengths[i] for i in used)
         small_per_target = n_small / kept_target_tokens if kept_target_tokens else 1.0
         tau = min(1.0, context_target * small_per_target / n_small) if n_small else 1.0
 
@@ -711,7 +712,7 @@ class CompressionEngine:
         # more tokens than the whole ("0 Cylinder" is 2 cl100k tokens, "0 Cyl" 3): such a context is
         # kept whole, which costs less and loses nothing
         for i in used:
-            if pruned[i] and self.count(pruned[i]) > self.count(texts[i]):
+            if pruned[i] and self.count(pruned[i]) > lengths[i]:
                 pruned[i] = texts[i].strip()
         return pruned
 
