@@ -166,6 +166,8 @@ def gpu(args) -> dict:
         build_causal(SHAPES[shape], tok, shape)
         pc = PromptCompressor(shape, device_map="cuda")
         engine = pc.engine
+        if args.queue_depth:  # rounds on the device at once (serving.ScoringQueue; 1: serial rounds)
+            engine.loaded.scoring_queue().depth = args.queue_depth
         for case in [c for c in cases if c.get("ours_model") == shape]:
             cold = time.perf_counter()
             pc.compress_prompt(case["context"], **case["kwargs"])
@@ -186,6 +188,7 @@ def gpu(args) -> dict:
             print(row, flush=True)
         extra = {}
         extra["compiled_decoder"] = engine.loaded.scoring_queue().runner.compile
+        extra["queue_depth"] = engine.loaded.scoring_queue().depth
         if shape == "smollm2-135m-shape":
             extra["concurrency"] = concurrency(engine, docs, questions, args.calls)
             extra["fidelity_gpu_vs_cpu_fp32"] = fidelity_random(engine, docs, questions, tok, shape)
@@ -403,6 +406,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=64)
     ap.add_argument("--cases", type=int, default=3, help="CPU: how many 20-document cases")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--queue-depth", type=int, default=0,
+                    help="scoring rounds on the device at once (default: the engine's own)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--plot", metavar="JSON", help="only draw docs/speed.png from a results file")
     args = ap.parse_args()

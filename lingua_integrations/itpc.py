@@ -113,20 +113,28 @@ class _Stream:
             return None
         return self.offset, view
 
-    def refresh(self, end: int, keep: int, need: int = 0) -> None:
-        """Scores of positions up to ``end``, reusing the cache: only positions from
+    def launch(self, end: int, keep: int, need: int = 0) -> tuple[int, torch.Tensor] | None:
+        """Start scoring positions up to ``end``, reusing the cache: only positions from
         ``cached`` on run through the model, and every position the cache then holds
         stays valid until :meth:`keep` drops a token before it (the window about to be
         judged starts at ``keep``). Scores of positions before ``need`` are not asked
-        for (their old values stay)."""
+        for (their old values stay). Returns what :meth:`finish` writes: on a GPU's
+        static cache the scores are still on the device, so a second stream's pass can
+        be queued behind this one before the host waits for either."""
         todo = self.view(end, keep)
         self.floor = keep
-        if todo is not None:
-            _, view = todo
-            first, loss = self._score(view, need - self.offset)
-            self._write(self.offset + first - 1, loss)
-            self.cached = len(view)
+        if todo is None:
+            return None
+        _, view = todo
+        first, loss = self._score(view, need - self.offset)
+        self.cached = len(view)
         # a static cache needs no cropping: the next window is written from position `cached`
+        return self.offset + first - 1, loss
+
+    def finish(self, launched: tuple[int, torch.Tensor] | None) -> None:
+        """Write the scores :meth:`launch` started (the host waits for them here)."""
+        if launched is not None:
+            self._write(*launched)
 
     def settle(self, keep: int) -> None:
         """Without a KV cache: positions before ``keep`` are final, the next step's scores
@@ -211,8 +219,9 @@ def _score_upto(streams: list[tuple[_Stream, int, int]], judged_only: bool = Fal
     before it are recomputed for the cache alone."""
     scorer = streams[0][0].scorer
     if scorer.kv_cache:
-        for st, end, keep in streams:
-            st.refresh(end, keep, keep if judged_only else 0)
+        launched = [st.launch(end, keep, keep if judged_only else 0) for st, end, keep in streams]
+        for (st, _, _), scores in zip(streams, launched):
+            st.finish(scores)
         return
     for st, _, keep in streams:
         st.floor = keep

@@ -146,7 +146,8 @@ class StaticWindows:
     @torch.inference_mode()
     def surprisal(self, new_ids: torch.Tensor, cached: int) -> torch.Tensor:
         """Surprisal of ``new_ids[1:]`` given the first ``cached`` cache positions and
-        ``new_ids``' own prefix; ``new_ids`` are written to positions ``cached ..``."""
+        ``new_ids``' own prefix; ``new_ids`` are written to positions ``cached ..``. The
+        result stays on the device: the host waits only when it reads it."""
         n = len(new_ids)
         width = _bucket(n)
         if cached + width > self.length:
@@ -163,12 +164,15 @@ class StaticWindows:
                     torch.arange(cached, cached + width, out=positions)
                     self._set_position(cached, span)
                     graph.replay()
-                    return out[: n - 1].to("cpu", torch.float32)
+                    # left on the device (no host sync), so the caller can queue another stream's
+                    # pass before reading it; a copy, since graphs share one memory pool and a
+                    # graph captured earlier may use `out`'s memory for its own intermediates
+                    return out[: n - 1].clone()
                 ids = torch.full((1, width), self.pad_id, dtype=torch.long)
                 ids[0, :n] = new_ids
                 self._set_position(cached, span)
                 positions = torch.arange(cached, cached + width, device=self.device)
-                return self._loss(ids.to(self.device), positions)[: n - 1].to("cpu", torch.float32)
+                return self._loss(ids.to(self.device), positions)[: n - 1]
         except StaticUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - capture failure, out of memory: the dynamic path takes over
