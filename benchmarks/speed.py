@@ -281,8 +281,14 @@ def concurrency(engine: CompressionEngine, docs, questions, calls: int, workers:
         started = time.perf_counter() - t
         try:
             key = "host_workers" if n == workers[0] else f"host_workers_{n}"
-            result[key] = {"processes": n, "start_s": started, **together(),
+            result[key] = {"processes": n, "start_s": started, "queue_depth": queue.depth, **together(),
                            "worker_startup": engine.host_workers.startup}
+            if n == workers[-1] and queue.depth > 1:  # the A/B of overlapping rounds: serial ones
+                depth, queue.depth = queue.depth, 1
+                try:
+                    result[key]["serial_rounds"] = together()
+                finally:
+                    queue.depth = depth
         finally:
             engine.stop_workers()
     return result
