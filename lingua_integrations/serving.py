@@ -10,15 +10,16 @@ It waits for more requests only while other calls are in progress (``session``) 
 most ``max_wait`` seconds, so a lone caller pays no latency. A failing batch is retried
 request by request, so one bad request fails only its caller.
 
-**Rounds overlap.** One thread gathers and launches rounds, another waits for their
+**Rounds may overlap.** One thread gathers and launches rounds, another waits for their
 device passes and hands the results back, and up to ``depth`` rounds are on the device at
-once. While round k runs, the callers it does not serve send their next requests, and round
-k+1 is gathered, laid out and queued behind it, so the device does not sit idle while the
-host gathers and lays out. The calls in flight hold one request each, so the gathering does
-not wait for the callers whose requests are already on the device. (H100, SmolLM2 shape,
-64 callers with 64 host workers, before this: the serial loop spent 0.55 s of 0.81 s
-laying out, running and reading back rounds, 0.10 s gathering and 0.16 s handing back,
-the device idle in between. The overlap itself is not yet timed on a GPU.)
+once. With ``depth=2``, while round k runs, the callers it does not serve send their next
+requests and round k+1 is gathered, laid out and queued behind it. The calls in flight hold
+one request each, so the gathering does not wait for the callers whose requests are already
+on the device. Measured, it does not pay: H100, SmolLM2 shape, 64 callers with 64 host
+workers, in one run (``benchmarks/speed.py``, run 11 in ``docs/benchmarks.md``) depth 2 gave
+4.05x the calls one at a time, depth 1 4.34x; the overlapped rounds were more and smaller
+(18 against 13), each launched before the callers' next requests had all arrived.
+The default is therefore 1: each round runs to the end before the next is gathered.
 
 **Admission.** A call's own work between device rounds (tokenizing, ranking, the ITPC
 bookkeeping: ~30 ms of Python per 20-document call) holds the GIL. With 64 callers all
@@ -113,11 +114,12 @@ class ScoringQueue:
         max_active: most calls in progress at once (see the module doc; None: no limit).
             A thread already in a session is not held at the door again.
         depth: most rounds launched on the device and not yet handed back (see the module
-            doc); 1 runs each round to the end before gathering the next.
+            doc); 1 (the default, the faster one measured) runs each round to the end before
+            gathering the next.
     """
 
     def __init__(self, runner: SurprisalRunner, max_wait: float = 0.004, max_tokens: int = 262144,
-                 max_active: int | None = None, depth: int = 2) -> None:
+                 max_active: int | None = None, depth: int = 1) -> None:
         if max_active is not None and max_active < 1:
             raise ValueError(f"max_active must be at least 1 (or None for no limit), got {max_active}")
         if depth < 1:

@@ -308,8 +308,17 @@ def test_graph_passes_keep_padding_rows_and_row_widths_small(engine):
     assert [runner._row_width(n) for n in (24, 150, 334, 600, 1600, 8192)] == [512, 512, 512, 768, 2048, 8192]
 
 
-def test_queue_batches_concurrent_requests_and_routes_results(engine, passages):
+@pytest.fixture(params=[1, 2], ids=["serial-rounds", "two-rounds-in-flight"])
+def queue_depth(request, engine):
+    """The engine's queue with ``depth`` 1 (the default) and 2 (rounds overlap), restored after."""
     queue = engine.loaded.scoring_queue()
+    before, queue.depth = queue.depth, request.param
+    yield queue
+    queue.depth = before
+
+
+def test_queue_batches_concurrent_requests_and_routes_results(engine, passages, queue_depth):
+    queue = queue_depth
     seqs = engine.scorer.encode_many(passages, special=True)
     alone = [queue.runner.surprisal([s])[0] for s in seqs]
     rounds0, results, barrier = queue.rounds, {}, threading.Barrier(len(seqs))
@@ -428,8 +437,8 @@ def test_changing_max_active_admits_or_holds_waiting_callers(engine):
         queue.max_active = 0
 
 
-def test_a_failing_request_fails_only_its_caller(engine, passages):
-    queue = engine.loaded.scoring_queue()
+def test_a_failing_request_fails_only_its_caller(engine, passages, queue_depth):
+    queue = queue_depth
     good = engine.scorer.encode_many(passages[:3], special=True)
     bad = [0, 10**9]  # an id far outside the vocabulary: the embedding lookup raises
     outcomes, barrier = {}, threading.Barrier(4)
