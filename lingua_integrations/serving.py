@@ -18,7 +18,7 @@ one request each, so the gathering does not wait for the callers whose requests 
 on the device. Measured, it does not pay: H100, SmolLM2 shape, 64 callers with 64 host
 workers, in one run (``benchmarks/speed.py``, run 11 in ``docs/benchmarks.md``) depth 2 gave
 4.05x the calls one at a time, depth 1 4.34x; the overlapped rounds were more and smaller
-(18 against 13), each launched before the callers' next requests had all arrived.
+(18 against 13): a round launched while another runs goes with the requests at hand.
 The default is therefore 1: each round runs to the end before the next is gathered.
 
 **Admission.** A call's own work between device rounds (tokenizing, ranking, the ITPC
