@@ -375,6 +375,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _goal(case: str) -> float | None:
+    """Issue 5's speed-up goal for a case (the 7B shape has one at 6.7k tokens, 60 documents, only)."""
+    if "LLMLingua-2" in case:
+        return 12
+    if "7b" in case:
+        return 4 if "60 docs" in case else None
+    return 15
+
+
 def plot(result: dict, path: Path) -> None:
     """Speed-up over the reference per case (drop-in and default mode), goals as ticks."""
     import matplotlib
@@ -391,8 +400,7 @@ def plot(result: dict, path: Path) -> None:
     ax.barh([i + 0.2 for i in y], drop_in, height=0.4, label="ours, drop-in PromptCompressor (same algorithm)")
     ax.barh([i - 0.2 for i in y], default, height=0.4, label="ours, default mode")
     for i, r in enumerate(rows):
-        # issue 5's goals: the 7B shape has one at 6.7k tokens (60 documents) only
-        goal = 12 if "LLMLingua-2" in r["case"] else (4 if "60 docs" in r["case"] else None) if "7b" in r["case"] else 15
+        goal = _goal(r["case"])
         if goal is not None:
             ax.plot([goal, goal], [i - 0.45, i + 0.45], color="black", lw=1.5)
     ax.set_yticks(list(y), labels, fontsize=8)
