@@ -7,7 +7,7 @@ round of the scoring queue: the host's time gathering requests (``_gather``) and
 and launching passes (``_launch_round``), and the device's time in the captured passes (CUDA
 events around each graph replay). Prints one row per setting::
 
-    python3 benchmarks/round_profile.py [--workers 16,64] [--depth 1,2] [--max-wait 0.004] [--no-pool]
+    python3 benchmarks/round_profile.py [--workers 16,64] [--depth 1,2] [--max-wait 0.004] [--no-pool] [--kernels]
 
 (carry ``.cache/gpu``; ``--cpu`` is a dry run of the script, threads only, 4 calls.)
 
@@ -15,6 +15,10 @@ If the device is busy most of the wall time, its passes bound throughput; if not
 callers' own Python (in the workers) or the queue's host work does. With W
 workers the 64 calls run in about 64 / W waves, each as many rounds as a call has
 scoring steps, so the rounds' count tells how much of the time is that latency.
+
+``--kernels`` adds, per setting, the timed run's rounds one by one (when each was gathered,
+its requests, its host seconds) and a torch.profiler table of one more 64-call run: which
+kernels the device's busy time goes to.
 """
 from __future__ import annotations
 
@@ -73,6 +77,25 @@ def summary(log: list[tuple[str, float, float, int]], wall: float) -> dict:
             "gather_s": round(sum(x[2] for x in gathers), 3),
             "launch_s": round(sum(x[2] for x in launches), 3),
             "device_busy_s": round(busy, 3), "device_busy_share": round(busy / wall, 2)}
+
+
+def kernels(log: list[tuple[str, float, float, int]], t0: float, pool_map) -> None:
+    """The timed run's rounds (start offset ms, host ms, requests) and a kernel table of
+    one more run of the same calls under torch.profiler."""
+    rounds = [(round((s - t0) * 1e3, 1), what, round(sec * 1e3, 1), n) for what, s, sec, n in log]
+    print("ROUNDS (offset ms, step, host ms, requests):", rounds, flush=True)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        pool_map()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    try:
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30)
+    except (AttributeError, KeyError, ValueError):  # older torch names it after CUDA
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+    print(f"KERNELS (profiled run {wall:.3f} s)\n{table}", flush=True)
 
 
 def _arg(name: str, default: str) -> list[str]:
@@ -147,6 +170,9 @@ def main() -> None:
                        **(summary(list(LOG), wall) if device == "cuda" else {"rounds": len(LOG) // 2})}
                 rows.append(row)
                 print("RESULT", json.dumps(row), flush=True)
+                if "--kernels" in sys.argv and device == "cuda":
+                    engine.clear_rankings()
+                    kernels(list(LOG), t, pool_map=lambda: list(cf.ThreadPoolExecutor(calls).map(one, jobs)))
         finally:
             engine.stop_workers()
     cols = list(rows[0])

@@ -339,6 +339,25 @@ def test_queue_batches_concurrent_requests_and_routes_results(engine, passages, 
         assert torch.allclose(results[k], expected, atol=1e-3)
 
 
+def test_a_lone_calls_requests_run_in_its_own_thread(engine, passages, monkeypatch):
+    """With no other call in progress and nothing queued, a request skips the queue's
+    threads (two hand-offs per ITPC step) and gives the same surprisals."""
+    queue = engine.loaded.scoring_queue()
+    seq = engine.scorer.encode_many(passages[:1], special=True)[0]
+    expected = queue.runner.surprisal([seq])[0]
+    ran_in, launch = [], queue.runner.launch_surprisal
+
+    def spy(*args, **kwargs):
+        ran_in.append(threading.current_thread())
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(queue.runner, "launch_surprisal", spy)
+    with queue.session():
+        got = queue.surprisal([seq])[0]
+    assert ran_in == [threading.current_thread()]
+    assert torch.allclose(got, expected, atol=1e-3)
+
+
 def until(condition, what: str) -> None:
     """Wait (at most 30 s) for ``condition``, failing with ``what``."""
     deadline = time.monotonic() + 30
