@@ -57,6 +57,14 @@ def interleaved(call, settings: tuple, apply, runner, rounds: int = 3) -> tuple[
     return {s: sorted(t)[len(t) // 2] for s, t in times.items()}, outs, passes
 
 
+def kernel_table(prof, rows: int) -> str:
+    """A torch.profiler run's operators by their own device time, the ``rows`` largest."""
+    try:
+        return prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows)
+    except (AttributeError, KeyError, ValueError):  # older torch names it after CUDA
+        return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows)
+
+
 def profiled(label: str, fn, out: Path, repeats: int = 3, top: int = 35) -> float:
     fn()
     torch.cuda.synchronize()
@@ -165,10 +173,7 @@ def main() -> None:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 pc.compress_prompt(docs[:nd], **kw)
                 torch.cuda.synchronize()
-            try:
-                table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25)
-            except (AttributeError, KeyError, ValueError):  # older torch names it after CUDA
-                table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+            table = kernel_table(prof, 25)
             with open(out / "profiles.txt", "a") as f:
                 f.write(f"==== kernels {shape} longllmlingua {nd} drop-in\n{table}\n")
         if shape.startswith("smollm2"):

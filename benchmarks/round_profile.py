@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import speed  # noqa: E402
+from profile_gpu import kernel_table  # noqa: E402
 
 import lingua_integrations.runner as R  # noqa: E402
 from lingua_integrations import serving  # noqa: E402
@@ -91,11 +92,7 @@ def kernels(log: list[tuple[str, float, float, int]], t0: float, pool_map) -> No
         pool_map()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
-    try:
-        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30)
-    except (AttributeError, KeyError, ValueError):  # older torch names it after CUDA
-        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
-    print(f"KERNELS (profiled run {wall:.3f} s)\n{table}", flush=True)
+    print(f"KERNELS (profiled run {wall:.3f} s)\n{kernel_table(prof, 30)}", flush=True)
 
 
 def _arg(name: str, default: str) -> list[str]:
@@ -172,7 +169,8 @@ def main() -> None:
                 print("RESULT", json.dumps(row), flush=True)
                 if "--kernels" in sys.argv and device == "cuda":
                     engine.clear_rankings()
-                    kernels(list(LOG), t, pool_map=lambda: list(cf.ThreadPoolExecutor(calls).map(one, jobs)))
+                    with cf.ThreadPoolExecutor(calls) as pool:
+                        kernels(list(LOG), t, pool_map=lambda: list(pool.map(one, jobs)))
         finally:
             engine.stop_workers()
     cols = list(rows[0])

@@ -158,7 +158,7 @@ class _Stream:
                 if self.cache is None:
                     self.cached = 0
         # an index, not a boolean mask: a CPU mask lookup runs its own nonzero (~0.1 ms on 6k
-        # positions), and a window step applies one to five sequences
+        # positions), and a window step selects from up to seven per-position arrays
         self.ids = self.ids.index_select(0, index)
         self.v = self.v.index_select(0, index)
 
